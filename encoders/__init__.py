@@ -1,0 +1,14 @@
+"""Dual encoders that embed images and texts into one space."""
+
+from .base import DualEncoder, EncoderError
+from .registry import ModelChoice, choose_default_model, load_encoder, normalise_spec, presets
+
+__all__ = [
+    "DualEncoder",
+    "EncoderError",
+    "ModelChoice",
+    "choose_default_model",
+    "load_encoder",
+    "normalise_spec",
+    "presets",
+]

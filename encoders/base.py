@@ -1,0 +1,84 @@
+"""The one interface every dual encoder offers; the indexer and search know nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class EncoderError(RuntimeError):
+    """A model cannot be loaded or used; the message says what to do about it."""
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present (unless told otherwise), else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device):
+    """Half precision on CUDA (bf16 where supported), full precision on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def fingerprint_state(module: torch.nn.Module) -> str:
+    """A cheap, stable digest of a model's weights.
+
+    Hashing every byte of a 600 MB checkpoint would cost each cold start a second or more;
+    names, shapes, a slice of each tensor and its sum tell two weight sets apart just as well.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1).float().cpu()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(flat[:64].numpy().tobytes())
+        digest.update(flat[-64:].numpy().tobytes())
+        digest.update(np.float64(flat.double().sum().item()).tobytes())
+    return digest.hexdigest()
+
+
+def l2_normalise(x: torch.Tensor) -> np.ndarray:
+    """Unit rows as float32 numpy, the form the store and FAISS take."""
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)
+
+
+class DualEncoder(ABC):
+    """Images and texts embedded into one space of ``dim`` unit vectors.
+
+    ``preprocess`` turns a decoded RGB image into the tensor ``embed_images`` takes; it must
+    be picklable, since decoding worker processes run it.
+    """
+
+    name: str
+    dim: int
+    device: torch.device
+    preprocess: Callable[[Image.Image], torch.Tensor]
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """Name plus weights fingerprint: what a library records to refuse a mismatched model."""
+
+    @abstractmethod
+    def embed_images(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, C, H, W) preprocessed images -> (B, dim) float32 unit vectors."""
+
+    @abstractmethod
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (len(texts), dim) float32 unit vectors."""
+
+    def embed_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Convenience for a few already-decoded images (queries, tests)."""
+        return self.embed_images(torch.stack([self.preprocess(im) for im in images]))

@@ -1,0 +1,108 @@
+"""Named models and how a model spec string becomes a loaded DualEncoder.
+
+A spec is one of: a preset name from presets.json (``vit-b-32``), ``openclip:ARCH[@TAG|@FILE]``
+for any open_clip architecture (no tag: random weights, for tests and speed benchmarks), or a
+path to a checkpoint written by ``pixseek train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from .base import DualEncoder, EncoderError
+
+DEFAULT_PRESET = "vit-b-32"
+OFFLINE_PRESET = "pixseek-lite"
+HUB_HOST = ("huggingface.co", 443)
+
+
+@cache
+def presets() -> dict[str, dict]:
+    """The registry of named models, read once from the packaged JSON."""
+    return json.loads(resources.files(__package__).joinpath("presets.json").read_text())
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to use, and a one-line notice for the user when it is not the obvious one."""
+
+    spec: str
+    notice: str | None = None
+
+
+def load_encoder(spec: str, *, device: str | None = None) -> DualEncoder:
+    """Build the encoder a spec names; raise EncoderError with a readable message otherwise."""
+    if spec in presets():
+        cfg = presets()[spec]
+        if cfg["backend"] == "openclip":
+            from .openclip import OpenClipEncoder
+
+            return OpenClipEncoder(cfg["arch"], cfg["pretrained"], device=device, name=spec)
+        from .lite import LiteEncoder
+
+        return LiteEncoder.load(None, device=device)
+    if spec.startswith("openclip:"):
+        from .openclip import OpenClipEncoder
+
+        arch, _, tag = spec.removeprefix("openclip:").partition("@")
+        return OpenClipEncoder(arch, tag or None, device=device)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        from .lite import LiteEncoder
+
+        return LiteEncoder.load(path, device=device)
+    names = ", ".join(presets())
+    raise EncoderError(
+        f"unknown model {spec!r}: use a preset ({names}), openclip:ARCH[@TAG], "
+        "or the path of a checkpoint file"
+    )
+
+
+def normalise_spec(spec: str) -> str:
+    """The form a library records: checkpoint paths made absolute, the rest as given."""
+    path = Path(spec).expanduser()
+    if spec not in presets() and not spec.startswith("openclip:") and path.is_file():
+        return str(path.resolve())
+    return spec
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "PIXSEEK_OFFLINE")
+    )
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def choose_default_model() -> ModelChoice:
+    """The best model this machine can use now, decided in seconds even with no network.
+
+    ``PIXSEEK_MODEL`` wins; then the OpenCLIP default when its weights are cached or the hub
+    answers within a second or two; otherwise the offline model, with a line saying so.
+    """
+    if env := os.environ.get("PIXSEEK_MODEL"):
+        return ModelChoice(env)
+    from .openclip import weights_cached
+
+    cfg = presets()[DEFAULT_PRESET]
+    if weights_cached(cfg["arch"], cfg["pretrained"]) or (not _offline() and _hub_reachable()):
+        return ModelChoice(DEFAULT_PRESET)
+    return ModelChoice(
+        OFFLINE_PRESET,
+        notice=(
+            f"Using the offline model {OFFLINE_PRESET}: the stronger {DEFAULT_PRESET} cannot be "
+            f"downloaded now. With a network, re-index with --model {DEFAULT_PRESET} --reindex."
+        ),
+    )

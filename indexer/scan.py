@@ -1,0 +1,124 @@
+"""Find the photos under a folder: the first stage of indexing.
+
+The walk is built on ``os.scandir`` because a photo library can hold hundreds of thousands of
+files and ``scandir`` gives file types without an extra system call per entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from stat import S_ISDIR, S_ISREG
+
+logger = logging.getLogger(__name__)
+
+BASE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif"})
+RAW_EXTENSIONS: frozenset[str] = frozenset(
+    {".cr2", ".cr3", ".nef", ".arw", ".dng", ".rw2", ".orf", ".raf", ".srw", ".pef"}
+)
+
+OnError = Callable[[str, OSError], None]
+
+
+def _importable(module: str) -> bool:
+    """True when ``module`` really imports (a broken install counts as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def supported_extensions() -> frozenset[str]:
+    """Extensions the decode stage can read here: HEIF and RAW only when their extras import."""
+    extensions = set(BASE_EXTENSIONS)
+    if _importable("pillow_heif"):
+        extensions |= HEIF_EXTENSIONS
+    if _importable("rawpy"):
+        extensions |= RAW_EXTENSIONS
+    return frozenset(extensions)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One image file found by :func:`scan`; size and mtime let the indexer skip unchanged files."""
+
+    path: str  # absolute, as the user reaches it (symlinks are kept, not resolved)
+    size: int
+    mtime_ns: int
+
+
+def _log_error(path: str, error: OSError) -> None:
+    logger.warning("cannot read %s: %s", path, error.strerror or error)
+
+
+def _entry(path: str, stat: os.stat_result) -> FileEntry:
+    return FileEntry(path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+def scan(
+    root: str | os.PathLike[str],
+    *,
+    include_hidden: bool = False,
+    on_error: OnError | None = None,
+) -> Iterator[FileEntry]:
+    """Yield every supported image under ``root`` (or ``root`` itself when it is an image file).
+
+    Directories are listed in name order, each directory's files before its subfolders, so runs
+    are reproducible. Symlinked folders are followed, but each real folder is entered once, so
+    a link back to a parent cannot loop. Folders or files that cannot be read are passed to
+    ``on_error`` (default: a logged warning) and the walk goes on.
+    """
+    top = os.path.abspath(os.fspath(root))
+    try:  # checked now, not at the first next(), so a typo fails where the caller made it
+        top_stat = os.stat(top)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "photo folder or file not found", top) from None
+    if S_ISDIR(top_stat.st_mode):
+        return _walk(top, top_stat, include_hidden, on_error or _log_error)
+    if S_ISREG(top_stat.st_mode) and os.path.splitext(top)[1].lower() in supported_extensions():
+        return iter([_entry(top, top_stat)])
+    return iter([])
+
+
+def _walk(
+    top: str, top_stat: os.stat_result, include_hidden: bool, report: OnError
+) -> Iterator[FileEntry]:
+    extensions = supported_extensions()
+    visited = {(top_stat.st_dev, top_stat.st_ino)}
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            report(folder, error)
+            continue
+        subfolders = []
+        for entry in entries:
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stat = entry.stat()
+                    key = (stat.st_dev, stat.st_ino)
+                    if key not in visited:
+                        visited.add(key)
+                        subfolders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in extensions:
+                    stat = entry.stat()  # follows links: a dangling one raises and is reported
+                    if S_ISREG(stat.st_mode):
+                        yield _entry(entry.path, stat)
+            except OSError as error:
+                report(entry.path, error)
+        pending.extend(reversed(subfolders))

@@ -1,0 +1,308 @@
+"""The library's SQLite database: one row per image, its vector, and the library's settings.
+
+The database is the source of truth; the FAISS index file is derived from it and carries the
+``generation`` it was built from, so a stale or missing index is rebuilt rather than trusted.
+Each batch is committed in its own transaction (WAL mode), so a killed run loses at most the
+batch in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    ColumnElement,
+    LargeBinary,
+    String,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+SCHEMA_VERSION = "1"
+OK = "ok"
+FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    """One file the library knows: indexed (status ok, with a vector) or failed (with a reason)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    size: Mapped[int]
+    mtime_ns: Mapped[int]
+    fingerprint: Mapped[str | None] = mapped_column(index=True)
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    taken_at: Mapped[datetime | None] = mapped_column(index=True)
+    status: Mapped[str] = mapped_column(String(8))
+    error: Mapped[str | None]
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+    caption: Mapped[str | None]
+    indexed_at: Mapped[datetime] = mapped_column(default=datetime.now)
+
+
+class FolderRow(Base):
+    """A folder the user asked to index, so that a bare ``pixseek index`` refreshes them all."""
+
+    __tablename__ = "folders"
+
+    path: Mapped[str] = mapped_column(primary_key=True)
+    indexed_at: Mapped[datetime | None]
+
+
+class SettingRow(Base):
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """What the store remembers of a file, enough to tell whether it changed."""
+
+    id: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(slots=True)
+class NewImage:
+    """A decoded (or failed) file on its way into the store."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    fingerprint: str | None = None
+    width: int | None = None
+    height: int | None = None
+    taken_at: datetime | None = None
+    error: str | None = None
+    vector: np.ndarray | None = None
+    caption: str | None = None
+
+
+def under(column: ColumnElement[str], folder: str) -> ColumnElement[bool]:
+    """Paths inside ``folder`` as an index-friendly range (no LIKE escaping pitfalls)."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return ((column >= prefix) & (column < upper)) | (column == folder.rstrip(os.sep))
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Store:
+    """Typed access to one library database; short sessions, one per unit of work."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.engine = create_engine(f"sqlite:///{db_path}")
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        with Session(self.engine) as session, session.begin():
+            if session.get(SettingRow, "schema") is None:
+                session.add(SettingRow(key="schema", value=SCHEMA_VERSION))
+                session.add(SettingRow(key="generation", value="0"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # settings -------------------------------------------------------------------------------
+    def get_setting(self, key: str) -> str | None:
+        with Session(self.engine) as session:
+            row = session.get(SettingRow, key)
+            return row.value if row else None
+
+    def set_settings(self, **values: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            for key, value in values.items():
+                session.merge(SettingRow(key=key, value=value))
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change to the set of vectors; names the index file built from it."""
+        return int(self.get_setting("generation") or 0)
+
+    @staticmethod
+    def _bump(session: Session) -> None:
+        row = session.get(SettingRow, "generation")
+        row.value = str(int(row.value) + 1)
+
+    # folders --------------------------------------------------------------------------------
+    def folders(self) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(FolderRow.path).order_by(FolderRow.path)))
+
+    def add_folder(self, folder: str, indexed_at: datetime | None = None) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.merge(FolderRow(path=folder, indexed_at=indexed_at))
+
+    # images ---------------------------------------------------------------------------------
+    def states_under(self, folder: str) -> dict[str, FileState]:
+        """Every known file inside ``folder`` (the mark phase of mark-and-sweep)."""
+        query = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns).where(
+            under(ImageRow.path, folder)
+        )
+        with Session(self.engine) as session:
+            return {p: FileState(i, s, m) for p, i, s, m in session.execute(query)}
+
+    def vectors_for_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, bytes]:
+        """Stored vectors of identical content, so moved or copied files skip the model."""
+        wanted = list(set(fingerprints))
+        if not wanted:
+            return {}
+        query = select(ImageRow.fingerprint, ImageRow.vector).where(
+            ImageRow.fingerprint.in_(wanted), ImageRow.status == OK, ImageRow.vector.is_not(None)
+        )
+        with Session(self.engine) as session:
+            return {fp: vec for fp, vec in session.execute(query)}
+
+    def write_batch(self, images: Sequence[NewImage], dim: int) -> None:
+        """Insert or replace a batch of files in one transaction."""
+        if not images:
+            return
+        now = datetime.now()
+        with Session(self.engine) as session, session.begin():
+            existing = dict(
+                session.execute(
+                    select(ImageRow.path, ImageRow.id).where(
+                        ImageRow.path.in_([im.path for im in images])
+                    )
+                ).all()
+            )
+            for im in images:
+                vector = None
+                if im.vector is not None:
+                    vector = np.asarray(im.vector, dtype=np.float32).reshape(dim).tobytes()
+                row = ImageRow(
+                    id=existing.get(im.path),
+                    path=im.path,
+                    size=im.size,
+                    mtime_ns=im.mtime_ns,
+                    fingerprint=im.fingerprint,
+                    width=im.width,
+                    height=im.height,
+                    taken_at=im.taken_at,
+                    status=FAILED if im.error else OK,
+                    error=im.error,
+                    vector=vector,
+                    caption=im.caption,
+                    indexed_at=now,
+                )
+                session.merge(row)
+            self._bump(session)
+
+    def delete_ids(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(ids), 500):
+                session.execute(delete(ImageRow).where(ImageRow.id.in_(ids[start : start + 500])))
+            self._bump(session)
+        return len(ids)
+
+    def remove_folder(self, folder: str) -> int:
+        """Forget a folder and every image inside it; returns how many images went."""
+        with Session(self.engine) as session, session.begin():
+            gone = session.execute(delete(ImageRow).where(under(ImageRow.path, folder))).rowcount
+            session.execute(delete(FolderRow).where(under(FolderRow.path, folder)))
+            self._bump(session)
+        return gone
+
+    def clear_images(self) -> None:
+        """Drop every image row (re-indexing with another model starts from nothing)."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(ImageRow))
+            self._bump(session)
+
+    def iter_vectors(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of all indexed images in chunks: the input of an index rebuild."""
+        last = 0
+        with Session(self.engine) as session:
+            while True:
+                rows = session.execute(
+                    select(ImageRow.id, ImageRow.vector)
+                    .where(ImageRow.id > last, ImageRow.status == OK, ImageRow.vector.is_not(None))
+                    .order_by(ImageRow.id)
+                    .limit(chunk)
+                ).all()
+                if not rows:
+                    return
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+                yield ids, vecs.reshape(len(rows), -1)
+                last = int(ids[-1])
+
+    def vector_of(self, image_id: int) -> np.ndarray | None:
+        with Session(self.engine) as session:
+            blob = session.scalar(select(ImageRow.vector).where(ImageRow.id == image_id))
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()
+
+    def find_path(self, path: str) -> ImageRow | None:
+        with Session(self.engine) as session:
+            return session.scalar(select(ImageRow).where(ImageRow.path == path))
+
+    def get_rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        """Rows by id, without their vectors (results never need them)."""
+        if not len(ids):
+            return {}
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.scalars(select(ImageRow).where(ImageRow.id.in_(list(ids)))).all()
+            for row in rows:
+                session.expunge(row)
+            return {row.id: row for row in rows}
+
+    def filter_ids(
+        self,
+        *,
+        folder: str | None = None,
+        taken_after: datetime | None = None,
+        taken_before: datetime | None = None,
+    ) -> np.ndarray:
+        """Ids of indexed images that pass the filters (for a restricted vector search)."""
+        query = select(ImageRow.id).where(ImageRow.status == OK)
+        if folder:
+            query = query.where(under(ImageRow.path, folder))
+        if taken_after:
+            query = query.where(ImageRow.taken_at >= taken_after)
+        if taken_before:
+            query = query.where(ImageRow.taken_at <= taken_before)
+        with Session(self.engine) as session:
+            return np.fromiter(session.scalars(query), dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        query = select(ImageRow.status, func.count()).group_by(ImageRow.status)
+        with Session(self.engine) as session:
+            found = dict(session.execute(query).all())
+        return {OK: found.get(OK, 0), FAILED: found.get(FAILED, 0)}
+
+    def failures(self, limit: int = 20) -> list[tuple[str, str]]:
+        query = (
+            select(ImageRow.path, ImageRow.error)
+            .where(ImageRow.status == FAILED)
+            .order_by(ImageRow.path)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return [(p, e or "") for p, e in session.execute(query)]

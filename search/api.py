@@ -1,0 +1,333 @@
+"""The Python API: open a library, index folders, search it. The CLI and server call only this."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from platformdirs import user_data_dir
+
+from encoders import DualEncoder, choose_default_model, load_encoder, normalise_spec
+from indexer import vectorfile
+from indexer.ann import VectorIndex
+from indexer.decode import DecodeError, decode_file
+from indexer.pipeline import IndexReport, index_folder
+from indexer.store import FAILED, OK, Store
+
+from .query import compose
+
+DB_NAME = "library.db"
+
+
+class LibraryError(RuntimeError):
+    """A user-facing problem with the library (missing, wrong model, bad query)."""
+
+
+def default_library_path() -> Path:
+    """``PIXSEEK_LIBRARY`` if set, else a folder in the user's data directory."""
+    env = os.environ.get("PIXSEEK_LIBRARY")
+    return Path(env).expanduser() if env else Path(user_data_dir("pixseek")) / "library"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One ranked image."""
+
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    taken_at: datetime | None
+    caption: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryInfo:
+    """What ``pixseek info`` shows."""
+
+    path: str
+    images: int
+    failed: int
+    folders: list[str]
+    model: str | None
+    model_id: str | None
+    index_kind: str | None
+    size_bytes: int
+    failures: list[tuple[str, str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _abspath(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+class Library:
+    """A photo library on disk: its database, its vector index and the model it was built with.
+
+    The model is loaded on first use, so ``info`` and ``remove`` stay instant.
+    """
+
+    def __init__(self, path: Path, store: Store, model: str | None, device: str | None) -> None:
+        self.path = path
+        self.store = store
+        self._spec = model
+        self._device = device
+        self._encoder: DualEncoder | None = None
+        self._index: VectorIndex | None = None
+        self._index_generation = -1
+        self._reset_pending = False
+        self.notice: str | None = None
+
+    # opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        model: str | None = None,
+        reindex: bool = False,
+        create: bool = True,
+        device: str | None = None,
+    ) -> Library:
+        """Open (or create) a library; refuse a model other than the one it was built with.
+
+        ``reindex=True`` switches an existing library to ``model``, dropping its vectors.
+        """
+        folder = Path(path).expanduser() if path else default_library_path()
+        db = folder / DB_NAME
+        if not db.exists():
+            if not create:
+                raise LibraryError(
+                    f"no library at {folder}: index a folder first (pixseek index FOLDER)"
+                )
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LibraryError(f"cannot create the library at {folder}: {exc}") from exc
+        store = Store(db)
+        recorded = store.get_setting("model") or None
+        wanted = normalise_spec(model) if model else None
+        switching = bool(recorded and wanted and wanted != recorded)
+        if switching and not reindex and sum(store.counts().values()):
+            store.close()
+            raise LibraryError(
+                f"this library was built with the model {recorded!r}, not {wanted!r}; "
+                "to re-index everything with the new model add --reindex"
+            )
+        library = cls(folder, store, wanted or recorded, device)
+        library._reset_pending = reindex or switching
+        return library
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # the model ------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> DualEncoder:
+        """The library's model, loaded once; checked against the model id it recorded."""
+        if self._encoder is None:
+            spec = self._spec
+            if not spec:
+                choice = choose_default_model()
+                spec, self.notice = choice.spec, choice.notice
+            encoder = load_encoder(spec, device=self._device)
+            recorded_id = self.store.get_setting("model_id")
+            if recorded_id and recorded_id != encoder.model_id:
+                raise LibraryError(
+                    f"the weights of {spec!r} changed since this library was built "
+                    f"({recorded_id} -> {encoder.model_id}); re-index with --reindex"
+                )
+            if not recorded_id:
+                self.store.set_settings(model=spec, model_id=encoder.model_id)
+            self._spec, self._encoder = spec, encoder
+        return self._encoder
+
+    # indexing -------------------------------------------------------------------------------
+    def index(
+        self,
+        folders: Iterable[str | os.PathLike] = (),
+        *,
+        batch_size: int = 64,
+        workers: int | None = None,
+        include_hidden: bool = False,
+        progress: bool = False,
+    ) -> IndexReport:
+        """Index folders (or, with none given, every folder indexed before); incremental."""
+        targets = [_abspath(f) for f in folders] or self.store.folders()
+        if not targets:
+            raise LibraryError("no folder to index: name one (pixseek index FOLDER)")
+        for target in targets:
+            if not os.path.exists(target):
+                raise LibraryError(f"no such folder: {target}")
+        if self._reset_pending:
+            # Re-indexing (or switching models): start from nothing, only once a run begins.
+            self.store.clear_images()
+            self.store.set_settings(model="", model_id="")
+            self._reset_pending = False
+        total = IndexReport()
+        for target in targets:
+            self.store.add_folder(target)
+            report = index_folder(
+                self.store,
+                self.encoder,
+                target,
+                batch_size=batch_size,
+                workers=workers,
+                include_hidden=include_hidden,
+                progress=progress,
+            )
+            self.store.add_folder(target, indexed_at=datetime.now())
+            for name in ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed"):
+                setattr(total, name, getattr(total, name) + getattr(report, name))
+            total.seconds += report.seconds
+            total.scan_errors += report.scan_errors
+        self._refresh_index()
+        return total
+
+    def remove(self, folder: str | os.PathLike) -> int:
+        """Forget a folder and its images (the files themselves are untouched)."""
+        gone = self.store.remove_folder(_abspath(folder))
+        self._refresh_index()
+        return gone
+
+    def _refresh_index(self) -> VectorIndex | None:
+        if self._index_generation != self.store.generation:
+            self._index = vectorfile.current(self.store, self.path)
+            self._index_generation = self.store.generation
+        return self._index
+
+    # searching ------------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | Sequence[str] | None = None,
+        *,
+        image: str | os.PathLike | None = None,
+        negative: str | Sequence[str] | None = None,
+        k: int = 10,
+        folder: str | os.PathLike | None = None,
+        taken_after: datetime | None = None,
+        taken_before: datetime | None = None,
+        min_score: float | None = None,
+    ) -> list[SearchResult]:
+        """Images ranked for a text, an example image, or both; negatives push results away."""
+        texts = [text] if isinstance(text, str) else list(text or [])
+        negatives = [negative] if isinstance(negative, str) else list(negative or [])
+        texts, negatives = [t for t in texts if t.strip()], [n for n in negatives if n.strip()]
+        positives: list[np.ndarray] = []
+        exclude: set[int] = set()
+        if texts:
+            positives.extend(self.encoder.embed_texts(texts))
+        if image is not None:
+            vector, image_id = self._image_vector(image)
+            positives.append(vector)
+            if image_id is not None:
+                exclude.add(image_id)
+        if not positives:
+            raise LibraryError("give a text query, an example image, or both")
+        negative_vectors = list(self.encoder.embed_texts(negatives)) if negatives else None
+        query = compose(positives, negative_vectors)
+        return self._ranked(query, k, exclude, folder, taken_after, taken_before, min_score)
+
+    def similar(self, image: str | os.PathLike | int, **options: Any) -> list[SearchResult]:
+        """Images like an example: a file on disk or an indexed image's id."""
+        return self.search(image=image, **options)
+
+    def _image_vector(self, image: str | os.PathLike | int) -> tuple[np.ndarray, int | None]:
+        """An indexed image's stored vector (no decoding), else a freshly embedded file."""
+        if isinstance(image, int | np.integer):
+            vector = self.store.vector_of(int(image))
+            if vector is None:
+                raise LibraryError(f"no indexed image with id {image}")
+            return vector, int(image)
+        path = _abspath(image)
+        row = self.store.find_path(path)
+        if row is not None and row.status == OK and row.vector is not None:
+            return np.frombuffer(row.vector, dtype=np.float32).copy(), row.id
+        if not os.path.isfile(path):
+            raise LibraryError(f"no such image: {path}")
+        try:
+            decoded = decode_file(path)
+        except (DecodeError, OSError) as exc:
+            raise LibraryError(f"cannot read the example image {path}: {exc}") from exc
+        return self.encoder.embed_pil([decoded.image])[0], None
+
+    def _ranked(
+        self,
+        query: np.ndarray,
+        k: int,
+        exclude: set[int],
+        folder: str | os.PathLike | None,
+        taken_after: datetime | None,
+        taken_before: datetime | None,
+        min_score: float | None,
+    ) -> list[SearchResult]:
+        if k < 1:
+            raise LibraryError("k must be at least 1")
+        index = self._refresh_index()
+        if index is None:
+            return []
+        allowed = None
+        if folder or taken_after or taken_before:
+            allowed = self.store.filter_ids(
+                folder=_abspath(folder) if folder else None,
+                taken_after=taken_after,
+                taken_before=taken_before,
+            )
+            if not len(allowed):
+                return []
+        scores, ids = index.search(query[None, :], k + len(exclude), allowed_ids=allowed)
+        hits = [
+            (int(i), float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)
+        ][:k]
+        rows = self.store.get_rows([i for i, _ in hits])
+        return [
+            SearchResult(
+                id=i,
+                path=rows[i].path,
+                score=s,
+                width=rows[i].width,
+                height=rows[i].height,
+                taken_at=rows[i].taken_at,
+                caption=rows[i].caption,
+            )
+            for i, s in hits
+            if i in rows
+        ]
+
+    # facts ----------------------------------------------------------------------------------
+    def info(self) -> LibraryInfo:
+        counts = self.store.counts()
+        index = self._refresh_index() if counts[OK] else None
+        size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return LibraryInfo(
+            path=str(self.path),
+            images=counts[OK],
+            failed=counts[FAILED],
+            folders=self.store.folders(),
+            model=self.store.get_setting("model") or self._spec,
+            model_id=self.store.get_setting("model_id") or None,
+            index_kind=index.kind if index is not None else None,
+            size_bytes=size,
+            failures=self.store.failures(),
+        )

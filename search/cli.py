@@ -1,0 +1,248 @@
+"""The ``pixseek`` command: a thin click layer over search.api.
+
+Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's own).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from encoders import EncoderError
+
+from .api import Library, LibraryError, SearchResult
+
+DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn the API's user-facing errors into click errors: a message and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (LibraryError, EncoderError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; what was indexed so far is kept.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _open(ctx: click.Context, **kwargs: Any) -> Library:
+    library = Library.open(ctx.obj["library"], device=ctx.obj["device"], **kwargs)
+    ctx.call_on_close(library.close)
+    return library
+
+
+def _notice(library: Library) -> None:
+    if library.notice:
+        click.echo(library.notice, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--library",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PIXSEEK_LIBRARY",
+    help="Library folder (default: in your user data folder; or set PIXSEEK_LIBRARY).",
+)
+@click.option("--device", help="torch device for the model, e.g. cpu or cuda (default: auto).")
+@click.version_option(package_name="pixseek")
+@click.pass_context
+def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
+    """Search your photos by describing them, or by showing a similar one."""
+    ctx.obj = {"library": library, "device": device}
+
+
+@main.command()
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=True, path_type=Path))
+@click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
+@click.option("--reindex", is_flag=True, help="Drop all vectors and embed everything again.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--workers", type=click.IntRange(0, 64), help="Decoding processes (default: auto).")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@click.pass_context
+@user_errors
+def index(
+    ctx: click.Context,
+    folders: tuple[Path, ...],
+    model: str | None,
+    reindex: bool,
+    batch_size: int,
+    workers: int | None,
+    include_hidden: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Index FOLDERS (or re-scan every folder indexed before). Only new and changed photos
+    are embedded; deleted ones are dropped. Safe to interrupt and run again."""
+    library = _open(ctx, model=model, reindex=reindex)
+    library.encoder  # noqa: B018 - load (and announce) the model before the progress bars
+    _notice(library)
+    report = library.index(
+        folders,
+        batch_size=batch_size,
+        workers=workers,
+        include_hidden=include_hidden,
+        progress=not quiet and not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps({**vars(report), "embedded": report.embedded}, indent=2))
+        return
+    rate = report.embedded / report.seconds if report.seconds else 0.0
+    click.echo(
+        f"{report.scanned} photos: {report.added} new, {report.updated} changed, "
+        f"{report.reused} moved or copied, {report.unchanged} unchanged, "
+        f"{report.removed} removed, {report.failed} failed "
+        f"({report.seconds:.1f} s, {rate:.1f} photos/s)."
+    )
+    for path, reason in report.scan_errors[:10]:
+        click.echo(f"could not read {path}: {reason}", err=True)
+    if report.failed:
+        click.echo("See the failures with: pixseek info", err=True)
+
+
+def _filters(func: Callable) -> Callable:
+    """Options shared by every ranked query."""
+    options = [
+        click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1)),
+        click.option(
+            "--under",
+            "folder",
+            type=click.Path(path_type=Path),
+            help="Only photos inside this folder.",
+        ),
+        click.option(
+            "--after", type=click.DateTime(DATE_FORMATS), help="Taken on or after this date."
+        ),
+        click.option(
+            "--before", type=click.DateTime(DATE_FORMATS), help="Taken on or before this date."
+        ),
+        click.option("--min-score", type=float, help="Drop results scoring below this."),
+        click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _end_of_day(value: datetime | None) -> datetime | None:
+    """A bare date as --before means the whole of that day."""
+    if value is not None and value.time() == datetime.min.time():
+        return value + timedelta(days=1) - timedelta(microseconds=1)
+    return value
+
+
+def _print_results(results: list[SearchResult], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    if not results:
+        click.echo("No matching photos.", err=True)
+    for rank, result in enumerate(results, 1):
+        click.echo(f"{rank:3d}  {result.score:6.3f}  {result.path}")
+
+
+def _query(
+    ctx: click.Context,
+    *,
+    k: int,
+    folder: Path | None,
+    after: datetime | None,
+    before: datetime | None,
+    min_score: float | None,
+    as_json: bool,
+    **query: Any,
+) -> None:
+    library = _open(ctx, create=False)
+    results = library.search(
+        **query,
+        k=k,
+        folder=folder,
+        taken_after=after,
+        taken_before=_end_of_day(before),
+        min_score=min_score,
+    )
+    _notice(library)
+    _print_results(results, as_json)
+
+
+@main.command()
+@click.argument("query")
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also like this example photo.",
+)
+@click.option("--not", "negative", multiple=True, help="Push away from this (repeatable).")
+@_filters
+@click.pass_context
+@user_errors
+def search(
+    ctx: click.Context, query: str, image: Path | None, negative: tuple[str, ...], **options: Any
+) -> None:
+    """Find photos matching a description, e.g. "two dogs playing in the snow"."""
+    if not query.strip():
+        raise click.UsageError("the query is empty")
+    _query(ctx, text=query, image=image, negative=list(negative), **options)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--not", "negative", multiple=True, help="Push away from this (repeatable).")
+@_filters
+@click.pass_context
+@user_errors
+def similar(ctx: click.Context, image: Path, negative: tuple[str, ...], **options: Any) -> None:
+    """Find photos that look like IMAGE (any image file, indexed or not)."""
+    _query(ctx, image=image, negative=list(negative), **options)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+@user_errors
+def info(ctx: click.Context, as_json: bool) -> None:
+    """What the library holds: photos, failures, model, index, size on disk."""
+    facts = _open(ctx, create=False).info()
+    if as_json:
+        click.echo(json.dumps(facts.to_dict(), indent=2))
+        return
+    click.echo(f"Library:  {facts.path}")
+    click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed")
+    click.echo(f"Folders:  {', '.join(facts.folders) or '-'}")
+    click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
+    click.echo(f"Index:    {facts.index_kind or '-'}")
+    click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
+    for path, reason in facts.failures:
+        click.echo(f"  failed: {path}: {reason}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the count as JSON.")
+@click.pass_context
+@user_errors
+def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
+    """Forget FOLDER and the photos in it (your files are not touched)."""
+    gone = _open(ctx, create=False).remove(folder)
+    if as_json:
+        click.echo(json.dumps({"removed": gone}))
+    else:
+        click.echo(f"Forgot {gone} photos under {folder}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: no network, a tiny random OpenCLIP config, and a colour-matching fake model."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: a failed hub look-up would otherwise wait ~50 s.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PIXSEEK_OFFLINE"] = "1"
+os.environ.pop("PIXSEEK_LIBRARY", None)
+os.environ.pop("PIXSEEK_MODEL", None)
+
+from pathlib import Path  # noqa: E402
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+from fakes import COLOR_SPEC, ColorEncoder  # noqa: E402
+
+TINY_CONFIG = Path(__file__).parent / "model_configs" / "pixseek-tiny-vit.json"
+open_clip.add_model_config(TINY_CONFIG)
+TINY_SPEC = "openclip:pixseek-tiny-vit"
+
+
+@pytest.fixture
+def tiny_spec() -> str:
+    """A real OpenCLIP model (random, seeded weights) small enough for unit tests."""
+    return TINY_SPEC
+
+
+@pytest.fixture
+def color_model(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A model spec whose ranking is known: images and texts embedded by colour."""
+    import search.api
+
+    real = search.api.load_encoder
+
+    def load(spec: str, *, device: str | None = None):
+        return ColorEncoder() if spec == COLOR_SPEC else real(spec, device=device)
+
+    monkeypatch.setattr(search.api, "load_encoder", load)
+    monkeypatch.setattr(search.api, "normalise_spec", lambda spec: spec)
+    return COLOR_SPEC
