@@ -1,12 +1,12 @@
 """Nearest-neighbour search over unit embeddings, one FAISS index per backend.
 
-Every index is an ``IDMap2`` around the backend so results come back as database row ids
-(any int64, not contiguous) and stored vectors can be read back by id, which exact search
-over a small allowed subset needs. Scores are inner products, i.e. cosine similarities of
-the L2-normalised rows the encoders produce.
+Every index is an ``IDMap2`` around the backend, so results come back as database row ids
+(any int64, not contiguous) and id filters and reading vectors back by id work alike for
+every kind. Scores are inner products, i.e. cosine similarities of the L2-normalised rows
+the encoders produce.
 
 ``build_index(kind="auto")`` keeps search exact while that stays fast (``EXACT_LIMIT`` rows,
-~10 ms per 512-d query on two CPU cores) and switches to an IVF index above it, whose
+~8 ms per 512-d query on one CPU core) and switches to an IVF index above it, whose
 ``nprobe`` is calibrated at build time to reach ``TARGET_RECALL`` against exact search.
 """
 
@@ -21,20 +21,28 @@ import faiss
 import numpy as np
 
 # faiss-cpu 1.15 only uses BLAS once queries x dim reaches 128000 (250 queries at 512-d) and
-# scans row by row below; on two cores BLAS already wins from about 4 queries: a batch of 128
-# 512-d queries over 100k rows takes 90 ms instead of 1060 ms (bench/bench_search.py).
+# scans row by row below; BLAS already wins from about 4 queries: 128 512-d queries over 100k
+# rows take 90 ms instead of 1060 ms on 2 cores, and batches of 64 run ~9x faster in
+# bench/bench_search.py. One or two queries keep the scan, which splits them across threads.
 FAISS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # faiss' own, for benchmarks
 BLAS_THRESHOLD = 2048
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
-#: largest collection (and largest allowed subset) searched exhaustively; measured ~9 ms p50
-#: for one 512-d query at 50k rows on 2 cores (bench/bench_search.py)
+#: largest collection searched exhaustively; one 512-d query over 50k rows takes ~8 ms on
+#: one core, and a 10k-row scan 1.5 ms (bench/bench_search.py)
 EXACT_LIMIT = 50_000
+#: allowed subsets up to this size are read back and compared exactly by approximate kinds:
+#: ~1 us per row, cheaper below this than a search widened to find as many allowed rows
+#: (~17 ms for IVF at 1M rows)
+SUBSET_LIMIT = 20_000
 #: what calibration of approximate indexes aims for; promised is 0.95, the rest is margin
 #: because real text queries sit farther from the photos than calibration queries do
 TARGET_RECALL = 0.97
 CALIBRATION_QUERIES = 200
 NORM_TOLERANCE = 1e-3
+#: ids count as dense (database rowids) when the largest is below this many per vector;
+#: dense ids are filtered through a bitmap, 5-10x cheaper to build and probe than a hash set
+DENSE_IDS_PER_VECTOR = 8
 
 
 def gpu_available() -> bool:
@@ -96,6 +104,11 @@ def _database(vectors: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     return vectors, ids
 
 
+def _padding(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Result arrays holding no result yet: scores -inf, ids -1."""
+    return np.full((n_queries, k), -np.inf, np.float32), np.full((n_queries, k), -1, np.int64)
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row of ``truth`` that appears in the same row of ``found``."""
     hits = [np.intersect1d(f[f >= 0], t[t >= 0]).size for f, t in zip(found, truth, strict=True)]
@@ -112,12 +125,18 @@ class VectorIndex(ABC):
     kind: ClassVar[str]
     gpu_capable: ClassVar[bool] = True
     min_vectors: ClassVar[int] = 1
-    #: allowed subsets up to this size are searched exactly; tests lower it per instance
-    exact_limit: int = EXACT_LIMIT
+    #: see SUBSET_LIMIT; an instance attribute so tests can lower it
+    subset_limit: int = SUBSET_LIMIT
 
     def __init__(self, index: faiss.IndexIDMap2, *, use_gpu: bool | None = None) -> None:
         self._cpu = index
-        self._ids = np.sort(faiss.vector_to_array(index.id_map))
+        ids = faiss.vector_to_array(index.id_map)
+        top = int(ids.max()) + 1 if len(ids) else 0
+        if top <= DENSE_IDS_PER_VECTOR * max(1, len(ids)):
+            self._members, self._ids = np.zeros(top, dtype=bool), None
+            self._members[ids] = True
+        else:
+            self._members, self._ids = None, np.sort(ids)
         self._gpu, self._gpu_resources = (
             _to_gpu(index) if self.gpu_capable and _use_gpu(use_gpu) else (None, None)
         )
@@ -165,18 +184,22 @@ class VectorIndex(ABC):
         """Whether a loaded backend is of this kind."""
 
     @abstractmethod
-    def _params(self, boost: float) -> faiss.SearchParameters:
-        """Search parameters for a filtered search that keeps ``1/boost`` of the rows."""
+    def _params(self, n_allowed: int) -> faiss.SearchParameters:
+        """Search parameters for a search restricted to ``n_allowed`` rows.
+
+        Approximate kinds widen their search by ``ntotal / n_allowed``, so that they score
+        as many allowed candidates as an unrestricted search scores candidates.
+        """
 
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, ids) per query, best first, padded with (-inf, -1).
 
-        ``allowed_ids`` keeps only those ids (unknown ones are ignored). A subset of at most
-        ``exact_limit`` rows is searched exactly, which is both faster and complete; a larger
-        one goes through a FAISS id selector with the search widened in proportion, so that
-        approximate indexes still find ``k`` allowed rows.
+        ``allowed_ids`` keeps only those ids (unknown ones are ignored). Up to ``subset_limit``
+        allowed rows are searched exactly, which at that size is fast and never misses the
+        few allowed rows an approximate search would skip; a larger subset is searched the
+        index's own way, widened so that it still finds ``k`` allowed rows.
         """
         queries = _unit_rows(queries, self.dim, "queries")
         if not isinstance(k, int | np.integer) or k < 1:
@@ -185,30 +208,39 @@ class VectorIndex(ABC):
             plain = self._cpu if self._gpu is None else self._gpu
             scores, ids = plain.search(queries, k)
         else:
-            allowed = np.intersect1d(_id_array(allowed_ids, "allowed_ids"), self._ids)
-            if len(allowed) <= self.exact_limit:
-                scores, ids = self._search_subset(queries, k, allowed)
+            allowed = self._present(_id_array(allowed_ids, "allowed_ids"))
+            if len(allowed):
+                scores, ids = self._search_allowed(queries, k, allowed)
             else:
-                selector = faiss.IDSelectorBatch(allowed)
-                params = self._params(self.ntotal / len(allowed))
-                params.sel = selector
-                scores, ids = self._cpu.search(queries, k, params=params)
+                scores, ids = _padding(len(queries), k)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _search_subset(
+    def _present(self, ids: np.ndarray) -> np.ndarray:
+        """The distinct ``ids`` that are in the index, sorted."""
+        if self._members is not None:
+            mask = np.zeros_like(self._members)
+            mask[ids[(ids >= 0) & (ids < len(mask))]] = True
+            return np.flatnonzero(mask & self._members)
+        ids = np.unique(ids)
+        at = np.searchsorted(self._ids, ids).clip(max=len(self._ids) - 1)
+        return ids[self._ids[at] == ids]
+
+    def _selector(self, allowed: np.ndarray) -> faiss.IDSelector:
+        if self._members is None:
+            return faiss.IDSelectorBatch(allowed)
+        mask = np.zeros_like(self._members)
+        mask[allowed] = True
+        return faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+
+    def _search_allowed(
         self, queries: np.ndarray, k: int, allowed: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        if len(allowed):
-            vectors = self._cpu.reconstruct_batch(allowed)
-            found = min(k, len(allowed))
-            scores[:, :found], rows = faiss.knn(
-                queries, vectors, found, metric=faiss.METRIC_INNER_PRODUCT
-            )
-            ids[:, :found] = allowed[rows]
-        return scores, ids
+        """Search only ``allowed`` (sorted, present ids) through a FAISS id selector."""
+        selector = self._selector(allowed)
+        params = self._params(len(allowed))
+        params.sel = selector
+        return self._cpu.search(queries, k, params=params)
 
     def save(self, path: str | Path) -> None:
         """Write the index to one FAISS file; its structure tells ``load_index`` the kind."""
@@ -235,7 +267,7 @@ class FlatIndex(VectorIndex):
     def _holds(cls, backend: faiss.Index) -> bool:
         return isinstance(backend, faiss.IndexFlat)
 
-    def _params(self, boost: float) -> faiss.SearchParameters:
+    def _params(self, n_allowed: int) -> faiss.SearchParameters:
         return faiss.SearchParameters()
 
 
@@ -265,7 +297,25 @@ def _calibrate(
     return ladder[-1]
 
 
-class HNSWIndex(VectorIndex):
+class ApproximateIndex(VectorIndex):
+    """A kind whose own search, even widened, may miss rows of a small allowed subset."""
+
+    def _search_allowed(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``subset_limit`` allowed rows are read back and compared one by one."""
+        if len(allowed) > self.subset_limit:
+            return super()._search_allowed(queries, k, allowed)
+        scores, ids = _padding(len(queries), k)
+        found = min(k, len(allowed))
+        scores[:, :found], rows = faiss.knn(
+            queries, self._cpu.reconstruct_batch(allowed), found, metric=faiss.METRIC_INNER_PRODUCT
+        )
+        ids[:, :found] = allowed[rows]
+        return scores, ids
+
+
+class HNSWIndex(ApproximateIndex):
     """Graph search: lowest latency, but slow to build (minutes per million on 2 cores)."""
 
     kind = "hnsw"
@@ -293,13 +343,14 @@ class HNSWIndex(VectorIndex):
     def _holds(cls, backend: faiss.Index) -> bool:
         return isinstance(backend, faiss.IndexHNSW)
 
-    def _params(self, boost: float) -> faiss.SearchParameters:
+    def _params(self, n_allowed: int) -> faiss.SearchParameters:
         ef = faiss.downcast_index(self._cpu.index).hnsw.efSearch
-        return faiss.SearchParametersHNSW(efSearch=min(self.EF_MAX, math.ceil(ef * boost)))
+        widened = math.ceil(ef * self.ntotal / n_allowed)
+        return faiss.SearchParametersHNSW(efSearch=min(self.EF_MAX, widened))
 
 
-class IVFIndex(VectorIndex):
-    """Inverted lists over k-means cells; builds in ~30 s per million 512-d rows on 2 cores.
+class IVFIndex(ApproximateIndex):
+    """Inverted lists over k-means cells; builds in ~30 s per million 512-d rows on 2 idle cores.
 
     Cells hold full vectors (``Flat``), so scores are exact and only the choice of visited
     cells is approximate; at photo-collection sizes memory is not tight enough for PQ.
@@ -323,7 +374,7 @@ class IVFIndex(VectorIndex):
     ) -> None:
         backend.train(vectors)
         index.add_with_ids(vectors, ids)
-        backend.make_direct_map()  # reading vectors back by position, for subset search
+        backend.make_direct_map()  # reading rows back by position, for small subsets
         ladder = [p for p in cls.NPROBE_LADDER if p < backend.nlist] + [backend.nlist]
         backend.nprobe = _calibrate(
             index, vectors, ids, ladder, faiss.SearchParametersIVF, "nprobe"
@@ -333,11 +384,10 @@ class IVFIndex(VectorIndex):
     def _holds(cls, backend: faiss.Index) -> bool:
         return isinstance(backend, faiss.IndexIVF)
 
-    def _params(self, boost: float) -> faiss.SearchParameters:
+    def _params(self, n_allowed: int) -> faiss.SearchParameters:
         backend = faiss.extract_index_ivf(self._cpu)
-        return faiss.SearchParametersIVF(
-            nprobe=min(backend.nlist, math.ceil(backend.nprobe * boost))
-        )
+        widened = math.ceil(backend.nprobe * self.ntotal / n_allowed)
+        return faiss.SearchParametersIVF(nprobe=min(backend.nlist, widened))
 
 
 KINDS: dict[str, type[VectorIndex]] = {c.kind: c for c in (FlatIndex, HNSWIndex, IVFIndex)}

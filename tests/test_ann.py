@@ -32,9 +32,9 @@ N = 6000
 
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clustered vectors under shuffled, gappy ids, and queries near them."""
+    """Clustered vectors under shuffled ids with gaps (dense enough for bitmaps), and queries."""
     vectors, queries = clustered.clustered_vectors(N, DIM, n_queries=200, cluster_size=40, seed=1)
-    ids = np.random.default_rng(1).choice(10 * N, size=N, replace=False).astype(np.int64) + 5
+    ids = np.random.default_rng(1).choice(4 * N, size=N, replace=False).astype(np.int64) + 5
     return vectors, ids, queries
 
 
@@ -78,23 +78,35 @@ def test_approximate_kinds_reach_recall_target_on_clustered_vectors(data, indexe
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("exact_limit", [ann.EXACT_LIMIT, 0], ids=["subset", "selector"])
-def test_allowed_ids_restrict_results_to_the_allowed_set(data, indexes, kind, exact_limit):
+@pytest.mark.parametrize("subset_limit", [ann.SUBSET_LIMIT, 0], ids=["small-subset", "large"])
+def test_allowed_ids_restrict_results_to_the_allowed_set(
+    data, indexes, kind, subset_limit, monkeypatch
+):
     vectors, ids, queries = data
     keep = np.random.default_rng(2).choice(ids, size=N // 4, replace=False)
     index = indexes[kind]
-    index.exact_limit = exact_limit
-    try:
-        scores, found = index.search(queries, 10, allowed_ids=np.append(keep, [-7, 10**12]))
-    finally:
-        del index.exact_limit  # back to the class default
+    monkeypatch.setattr(index, "subset_limit", subset_limit)
+    scores, found = index.search(queries, 10, allowed_ids=np.append(keep, [-7, 10**12]))
     assert np.isin(found, keep).all()
     want_scores, want_ids = exact(vectors, ids, queries, 10, keep)
-    if kind == "flat" or exact_limit:
+    if kind == "flat" or subset_limit:
         np.testing.assert_array_equal(found, want_ids)
         np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
     else:
         assert recall_at_k(found, want_ids) >= 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_allowed_ids_work_for_sparse_ids_too(data, kind):
+    """Ids far apart (no bitmap over them is affordable) go through FAISS' hash-set selector."""
+    vectors, _, queries = data
+    ids = np.arange(1500, dtype=np.int64) * 10**9 + 3
+    keep = ids[::3]
+    index = build_index(vectors[:1500], ids, kind=kind, use_gpu=False)
+    scores, found = index.search(queries, 10, allowed_ids=np.append(keep, 7))
+    want_scores, want_ids = exact(vectors[:1500], ids, queries, 10, keep)
+    np.testing.assert_array_equal(found, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -239,4 +251,3 @@ def test_use_gpu_false_or_a_missing_gpu_keeps_indexes_on_the_cpu(data, fake_gpu,
     assert load_index(tmp_path / "photos.faiss").on_gpu
     assert not load_index(tmp_path / "photos.faiss", use_gpu=False).on_gpu
     assert len(fake_gpu.copies) == 1
-
