@@ -114,8 +114,13 @@ def index_folder(
     workers: int | None = None,
     include_hidden: bool = False,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IndexReport:
-    """Bring the store up to date with one folder; safe to interrupt at any point."""
+    """Bring the store up to date with one folder; safe to interrupt at any point.
+
+    ``on_progress(done, total)`` hears of every committed batch of the files to decode (a
+    server shows it; the terminal has the progress bar).
+    """
     started = time.perf_counter()
     report = IndexReport()
     unreadable: list[str] = []
@@ -135,8 +140,10 @@ def index_folder(
     # A folder we could not read is not a folder whose files were deleted.
     vanished_ids = _sweepable(store, vanished, unreadable)
 
+    if on_progress:
+        on_progress(0, len(todo))
     if todo:
-        _embed(store, encoder, todo, report, batch_size, workers, progress)
+        _embed(store, encoder, todo, report, batch_size, workers, progress, on_progress)
     report.removed = store.delete_ids(vanished_ids)
     report.seconds = time.perf_counter() - started
     return report
@@ -158,6 +165,7 @@ def _embed(
     batch_size: int,
     workers: int | None,
     progress: bool,
+    on_progress: Callable[[int, int], None] | None,
 ) -> None:
     workers = default_workers() if workers is None else workers
     loader = DataLoader(
@@ -168,6 +176,7 @@ def _embed(
         prefetch_factor=4 if workers else None,
         pin_memory=encoder.device.type == "cuda",
     )
+    done = 0
     with tqdm(total=len(todo), desc="Indexing", unit=" img", disable=not progress) as bar:
         for samples, stacked in loader:
             good = [(i, meta) for i, ok, meta, _ in samples if ok]
@@ -207,3 +216,6 @@ def _embed(
                 )
             store.write_batch(batch, encoder.dim)
             bar.update(len(samples))
+            done += len(samples)
+            if on_progress:
+                on_progress(done, len(todo))

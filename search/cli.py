@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -16,8 +17,10 @@ from typing import Any
 import click
 
 from encoders import EncoderError
+from encoders.cli_model import eval_command, train_command
 
 from .api import Library, LibraryError, SearchResult
+from .rerank import DEFAULT_DEPTH, Reranker
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
@@ -71,6 +74,9 @@ def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", type=click.IntRange(0, 64), help="Decoding processes (default: auto).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option(
+    "--captions", is_flag=True, help="Also caption photos that have no caption yet (slower)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
 @click.pass_context
@@ -83,6 +89,7 @@ def index(
     batch_size: int,
     workers: int | None,
     include_hidden: bool,
+    captions: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -98,8 +105,10 @@ def index(
         include_hidden=include_hidden,
         progress=not quiet and not as_json,
     )
+    captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
     if as_json:
-        click.echo(json.dumps({**vars(report), "embedded": report.embedded}, indent=2))
+        extra = {} if captioned is None else {"captioned": captioned}
+        click.echo(json.dumps({**vars(report), "embedded": report.embedded, **extra}, indent=2))
         return
     rate = report.embedded / report.seconds if report.seconds else 0.0
     click.echo(
@@ -108,6 +117,8 @@ def index(
         f"{report.removed} removed, {report.failed} failed "
         f"({report.seconds:.1f} s, {rate:.1f} photos/s)."
     )
+    if captioned is not None:
+        click.echo(f"Captioned {captioned} photos.")
     for path, reason in report.scan_errors[:10]:
         click.echo(f"could not read {path}: {reason}", err=True)
     if report.failed:
@@ -131,6 +142,17 @@ def _filters(func: Callable) -> Callable:
             "--before", type=click.DateTime(DATE_FORMATS), help="Taken on or before this date."
         ),
         click.option("--min-score", type=float, help="Drop results scoring below this."),
+        click.option(
+            "--rerank/--no-rerank",
+            default=None,
+            help="Rescore the top results of a text query with the captioner "
+            "(default: on where a captioner tuned for the model is available).",
+        ),
+        click.option(
+            "--rerank-depth",
+            type=click.IntRange(1, 1000),
+            help=f"How many top results to rerank (default {DEFAULT_DEPTH}).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]
     for option in reversed(options):
@@ -152,7 +174,10 @@ def _print_results(results: list[SearchResult], as_json: bool) -> None:
     if not results:
         click.echo("No matching photos.", err=True)
     for rank, result in enumerate(results, 1):
-        click.echo(f"{rank:3d}  {result.score:6.3f}  {result.path}")
+        line = f"{rank:3d}  {result.score:6.3f}  {result.path}"
+        if result.caption_score is not None:
+            line += f"  (similarity {result.similarity:.3f}, caption {result.caption_score:.2f})"
+        click.echo(line + (f"  {result.caption}" if result.caption else ""))
 
 
 def _query(
@@ -211,6 +236,39 @@ def similar(ctx: click.Context, image: Path, negative: tuple[str, ...], **option
 
 
 @main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--captioner",
+    envvar="PIXSEEK_CAPTIONER",
+    help="pixseek-captioner (default, offline), coca-vit-b-32, coca-vit-l-14, "
+    "coca:ARCH@TAG, or a checkpoint file (or set PIXSEEK_CAPTIONER).",
+)
+@click.option("--beams", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+@user_errors
+def caption(
+    ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
+) -> None:
+    """Describe each of IMAGES in a sentence (no library needed)."""
+    from encoders.captioner import load_captioner
+    from indexer.decode import DecodeError
+
+    paths = [os.path.abspath(p.expanduser()) for p in images]
+    reranker = Reranker(load_captioner(captioner, device=ctx.obj["device"]))
+    try:
+        texts = reranker.caption(paths, beams)
+    except DecodeError as exc:
+        raise click.ClickException(f"cannot read {exc}") from None
+    if as_json:
+        rows = [{"path": p, "caption": t} for p, t in zip(paths, texts, strict=True)]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for path, text in zip(paths, texts, strict=True):
+        click.echo(f"{path}: {text}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 @user_errors
@@ -242,6 +300,54 @@ def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
         click.echo(json.dumps({"removed": gone}))
     else:
         click.echo(f"Forgot {gone} photos under {folder}.")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token",
+    envvar="PIXSEEK_TOKEN",
+    help="Required on every request; needed to listen beyond loopback (or set PIXSEEK_TOKEN).",
+)
+@click.option(
+    "--folder",
+    "folders",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder the page may index, besides the library's own (repeatable).",
+)
+@click.option(
+    "--library",
+    "library_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Library folder (same as pixseek --library).",
+)
+@click.pass_context
+@user_errors
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    token: str | None,
+    folders: tuple[Path, ...],
+    library_dir: Path | None,
+) -> None:
+    """Serve the search page and its HTTP API (http://127.0.0.1:8000/; docs at /docs)."""
+    from .server import serve as run_server  # FastAPI loads only for this command
+
+    run_server(
+        library_dir or ctx.obj["library"],
+        host=host,
+        port=port,
+        token=token,
+        folders=folders,
+        device=ctx.obj["device"],
+    )
+
+
+main.add_command(train_command)
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Cache frozen-tower outputs for Flickr8k so pixseek-lite trains in minutes on a CPU.
+
+Writes under /work/cache/feats/ (outside the repo; see README.txt written there):
+
+    python bench/lite_features.py images --tower mobilenet_v2 [--flip] [--start N --stop M]
+    python bench/lite_features.py texts
+
+Image order everywhere is images.txt: the 6000 train.txt names, then the 1000 dev.txt names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders.captions import read_captions
+from encoders.lite import LiteConfig, TextTower, build_backbone, image_transform, load_tokenizer
+
+FLICKR = Path("/work/shared/data/flickr8k")
+CACHE = Path("/work/cache/feats")
+
+
+def image_names() -> list[str]:
+    names = (FLICKR / "train.txt").read_text().split() + (FLICKR / "dev.txt").read_text().split()
+    (CACHE / "images.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def cache_images(tower: str, flip: bool, batch: int, rows: slice) -> None:
+    """(N, C, 7, 7) fp16 memmap of the frozen CNN's last map, optionally of mirrored images.
+
+    ``rows`` fills part of an existing file (a quick tower comparison needs only some rows).
+    """
+    names = image_names()
+    backbone = build_backbone(tower)
+    preprocess = image_transform(LiteConfig(tower=tower))
+    first = backbone(preprocess(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
+    out_path = CACHE / f"{tower}{'_flip' if flip else ''}.npy"
+    if out_path.is_file():
+        out = np.load(out_path, mmap_mode="r+")
+    else:
+        out = np.lib.format.open_memmap(
+            out_path, mode="w+", dtype=np.float16, shape=(len(names), *first.shape[1:])
+        )
+    start = time.time()
+    with torch.inference_mode():
+        for i in range(*rows.indices(len(names))[:2], batch):
+            stop = min(i + batch, rows.indices(len(names))[1])
+            pixels = torch.stack(
+                [
+                    preprocess(Image.open(FLICKR / "images" / n).convert("RGB"))
+                    for n in names[i:stop]
+                ]
+            )
+            if flip:
+                pixels = pixels.flip(-1)
+            out[i : i + len(pixels)] = backbone(pixels).half().numpy()
+            if i % (batch * 50) == 0:
+                print(f"{out_path.name}: {i}/{len(names)} {time.time() - start:.0f}s", flush=True)
+    out.flush()
+    print(f"wrote {out_path} {out.shape} in {time.time() - start:.0f}s")
+
+
+def cache_texts(batch: int) -> None:
+    """MiniLM hidden states after layers 4, 5 and 6, packed (tokens, 384) with per-caption offsets.
+
+    Training with the last k layers tuned reads ``minilm_lower{6-k}``; k=0 is the frozen model.
+    """
+    names = image_names()
+    index = {n: i for i, n in enumerate(names)}
+    pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images")
+    captions, owners = [], []
+    for path, caps in pairs:
+        for cap in caps:
+            captions.append(cap)
+            owners.append(index[path.name])
+    tokenizer = load_tokenizer()
+    bert = TextTower(LiteConfig()).bert.eval()
+    depths = (4, 5, 6)
+    chunks: dict[int, list[torch.Tensor]] = {d: [None] * len(captions) for d in depths}
+    lengths = [0] * len(captions)
+    # Batches of similar length waste little compute on padding.
+    order = sorted(range(len(captions)), key=lambda c: len(captions[c]))
+    start = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(captions), batch):
+            rows = order[i : i + batch]
+            tok = tokenizer(
+                [captions[c] for c in rows],
+                padding=True,
+                truncation=True,
+                max_length=LiteConfig().max_tokens,
+                return_tensors="pt",
+            )
+            states = bert(**tok, output_hidden_states=True).hidden_states
+            counts = tok["attention_mask"].sum(1).tolist()
+            for k, (c, n) in enumerate(zip(rows, counts, strict=True)):
+                lengths[c] = n
+                for d in depths:
+                    chunks[d][c] = states[d][k, :n].half()
+            if i % (batch * 50) == 0:
+                print(f"captions {i}/{len(captions)} {time.time() - start:.0f}s", flush=True)
+    np.save(CACHE / "minilm_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    for d in depths:
+        np.save(CACHE / f"minilm_lower{d}.npy", torch.cat(chunks[d]).numpy())
+    np.save(CACHE / "caption_image.npy", np.array(owners, dtype=np.int32))
+    (CACHE / "captions.txt").write_text("\n".join(captions) + "\n")
+    print(f"wrote minilm_lower{{4,5,6}}.npy ({sum(lengths)} tokens) in {time.time() - start:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["images", "texts"])
+    parser.add_argument("--tower", default="mobilenet_v2")
+    parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--start", type=int, default=0, help="first image row to (re)compute")
+    parser.add_argument("--stop", type=int, default=None, help="row after the last one")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if args.what == "images":
+        cache_images(args.tower, args.flip, args.batch, slice(args.start, args.stop))
+    else:
+        cache_texts(args.batch * 8)
+
+
+if __name__ == "__main__":
+    main()

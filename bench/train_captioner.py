@@ -1,0 +1,209 @@
+"""Train the shipped captioner (data/pixseek-captioner.pt) on Flickr8k train, from cached features.
+
+The CNN tower is frozen, so its 7x7 maps are computed once (bench/lite_features.py images) and
+only the decoder trains: token-level cross-entropy with teacher forcing. The epoch with the
+lowest dev cross-entropy is kept. Reproducible (seeded). The shipped weights came from the
+defaults, in 38 minutes on one CPU thread of a busy 2-core machine:
+
+    python bench/train_captioner.py --out data/pixseek-captioner.pt
+
+One thread on purpose: on a shared 2-core CPU a second thread made each step 2-4x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from encoders.captioner import (
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    CaptionDecoder,
+    CaptionerConfig,
+    clean_caption,
+    load_wordpiece,
+    save_checkpoint,
+)
+from encoders.captions import parse_caption_file
+
+FLICKR = Path("/work/shared/data/flickr8k")
+CACHE = Path("/work/cache/feats")
+
+
+def build_vocab(token_lists: list[list[int]], min_count: int, tokenizer) -> list[int]:
+    """WordPiece ids seen at least ``min_count`` times, most frequent first, after the specials."""
+    counts = collections.Counter(t for tokens in token_lists for t in tokens)
+    kept = [t for t, c in counts.most_common() if c >= min_count]
+    specials = [
+        tokenizer.pad_token_id,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.unk_token_id,
+    ]  # local ids PAD, BOS, EOS, UNK
+    assert list(range(4)) == [PAD, BOS, EOS, UNK]
+    return specials + [t for t in kept if t not in specials]
+
+
+def encode(token_lists: list[list[int]], vocab: list[int], max_tokens: int) -> list[torch.Tensor]:
+    lookup = {t: i for i, t in enumerate(vocab)}
+    return [
+        torch.tensor([BOS, *[lookup.get(t, UNK) for t in tokens[: max_tokens - 2]], EOS])
+        for tokens in token_lists
+    ]
+
+
+def batches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of similar length (less padding), in random order."""
+    order = rng.permutation(len(lengths))
+    chunk = size * 50
+    out = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        out += [part[i : i + size] for i in range(0, len(part), size)]
+    rng.shuffle(out)
+    return out
+
+
+def pad(seqs: list[torch.Tensor]) -> torch.Tensor:
+    return nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD)
+
+
+def loss_of(model, grids, rows, seqs, idx) -> torch.Tensor:
+    device = model.positions.device
+    tokens = pad([seqs[i] for i in idx]).to(device)
+    grid = torch.from_numpy(grids[rows[idx]]).to(device).float()
+    logits = model(model.memory(grid), tokens[:, :-1])
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), ignore_index=PAD
+    )
+
+
+@torch.no_grad()
+def dev_loss(model, grids, rows, seqs, size: int = 256) -> float:
+    """Per-token cross-entropy on dev captions (teacher forcing)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(seqs), size):
+        idx = np.arange(start, min(start + size, len(seqs)))
+        n = sum(len(seqs[i]) - 1 for i in idx)
+        total += float(loss_of(model, grids, rows, seqs, idx)) * n
+        count += n
+    model.train()
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("data/pixseek-captioner.pt"))
+    parser.add_argument("--tower", default="mobilenet_v2")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--ff", type=int, default=1024)
+    parser.add_argument("--min-count", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="Stop early (timing runs).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: an epoch takes seconds there")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    names = (CACHE / "images.txt").read_text().split()
+    row_of = {n: i for i, n in enumerate(names)}
+    train_names = (FLICKR / "train.txt").read_text().split()
+    dev_names = (FLICKR / "dev.txt").read_text().split()
+    feats = np.load(CACHE / f"{args.tower}.npy", mmap_mode="r")
+    grids = np.ascontiguousarray(feats)  # 7000 x 1280 x 7 x 7 fp16, ~0.9 GB in memory
+    captions = parse_caption_file(FLICKR / "captions.tsv")
+    tokenizer = load_wordpiece()
+
+    def split(split_names: list[str]) -> tuple[np.ndarray, list[list[int]]]:
+        pairs = [(row_of[n], clean_caption(c)) for n in split_names for c in captions[n]]
+        ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        return np.array([r for r, _ in pairs]), ids
+
+    train_rows, train_ids = split(train_names)
+    dev_rows, dev_ids = split(dev_names)
+    vocab = build_vocab(train_ids, args.min_count, tokenizer)
+    config = CaptionerConfig(
+        tower=args.tower, vocab_size=len(vocab), width=args.width, layers=args.layers, ff=args.ff
+    )
+    train_seqs = encode(train_ids, vocab, config.max_tokens)
+    dev_seqs = encode(dev_ids, vocab, config.max_tokens)
+    lengths = np.array([len(s) for s in train_seqs])
+    model = CaptionDecoder(config).to(args.device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(vocab)}, {params / 1e6:.2f} M parameters, {len(train_seqs)} captions")
+
+    steps_per_epoch = math.ceil(len(train_seqs) / args.batch)
+    total = args.epochs * steps_per_epoch
+    warmup = min(500, total // 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+    def rate(s: int) -> float:  # linear warm-up, cosine decay to zero
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    best, history, step, start = float("inf"), [], 0, time.time()
+    model.train()
+    for epoch in range(1, args.epochs + 1):
+        running = []
+        for idx in batches(lengths, args.batch, rng):
+            loss = loss_of(model, grids, train_rows, train_seqs, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            running.append(loss.item())
+            step += 1
+            if step % 50 == 0:
+                print(
+                    f"epoch {epoch} step {step}/{total} loss {np.mean(running[-50:]):.3f} "
+                    f"{time.time() - start:.0f}s",
+                    flush=True,
+                )
+            if args.max_steps and step >= args.max_steps:
+                print(f"{step} steps in {time.time() - start:.1f}s")
+                return
+        dev = dev_loss(model, grids, dev_rows, dev_seqs)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "dev_loss": dev})
+        print(
+            f"epoch {epoch}: train {history[-1]['train_loss']:.3f} dev {dev:.3f} "
+            f"(perplexity {math.exp(dev):.1f}) {time.time() - start:.0f}s",
+            flush=True,
+        )
+        if dev < best:
+            best = dev
+            save_checkpoint(
+                model,
+                vocab,
+                args.out,
+                meta={
+                    "trained_on": "flickr8k train.txt (6000 images, 30000 captions)",
+                    "epoch": epoch,
+                    "dev_loss": dev,
+                    "history": history,
+                    "args": vars(args) | {"out": str(args.out)},
+                    "seconds": round(time.time() - start),
+                },
+            )
+    print(f"best dev cross-entropy {best:.3f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Rerank vector-search candidates with a captioner, and caption photos.
+
+A dual encoder compares one vector per image with one per query, which blurs word order and
+attribute binding ("a red square left of a blue circle"); a captioner reads the query token by
+token against the image's grid. Reranking costs one captioner pass per candidate, so only the top
+few dozen are rescored and fused with the similarity:
+
+    score = fusion.similarity * similarity + fusion.caption * caption log-likelihood per token
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from indexer.decode import DecodeError, decode_file
+
+if TYPE_CHECKING:  # the captioner module loads torchvision: only when a captioner is used
+    from pathlib import Path
+
+    from encoders.base import DualEncoder
+    from encoders.captioner import Captioner
+
+DEFAULT_DEPTH = 30  # with the fusion weights below: deeper gained no Recall@1 on dev, cost more
+CACHE_SIZE = 512  # image memories kept: ~50 KB each for the pixseek captioner
+MIN_SIDE = 224
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Weights of the final score; only their ratio changes the order."""
+
+    similarity: float
+    caption: float
+
+
+# Chosen on Flickr8k dev (5000 captions, 1000 photos) by bench/bench_rerank.py, per pair of
+# (dual encoder, captioner) names: similarity scales differ between models.
+FUSION: dict[tuple[str, str], Fusion] = {
+    ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.5),
+}
+# For a pair nobody tuned (used only when reranking is asked for explicitly).
+FALLBACK_FUSION = FUSION[("pixseek-lite", "pixseek-captioner")]
+
+
+def fuse(similarity: np.ndarray, caption: np.ndarray, fusion: Fusion) -> np.ndarray:
+    return fusion.similarity * np.asarray(similarity) + fusion.caption * np.asarray(caption)
+
+
+@dataclass(frozen=True, slots=True)
+class Rescored:
+    """One candidate after reranking; ``caption_score`` is None if its file cannot be read now."""
+
+    position: int  # its place in the candidate list given
+    similarity: float
+    caption_score: float | None
+    score: float
+
+
+class Reranker:
+    """A captioner plus an LRU cache of image memories (the decoder's view of each photo).
+
+    Repeated and refined queries mostly rescore the same photos, and the image pass (decode +
+    CNN) is most of a rerank's cost, so recent photos' memories are kept, keyed by path and
+    modification time. Never the whole collection: at ~50 KB a photo that would not fit.
+    """
+
+    def __init__(self, captioner: Captioner, cache_size: int = CACHE_SIZE, batch_size: int = 32):
+        self.captioner = captioner
+        self.cache_size = cache_size
+        self.batch_size = batch_size
+        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+
+    def _load(self, path: str) -> torch.Tensor:
+        return self.captioner.preprocess(decode_file(path, min_side=MIN_SIDE).image)
+
+    def memories(self, paths: Sequence[str], *, strict: bool) -> list[torch.Tensor | None]:
+        """Each photo's memory, from the cache or a fresh image pass.
+
+        An unreadable photo is None, or raises DecodeError (naming it) when ``strict``.
+        """
+        keys: list[tuple[str, int] | None] = []
+        for path in paths:
+            try:
+                keys.append((path, os.stat(path).st_mtime_ns))
+            except OSError as exc:
+                if strict:
+                    raise DecodeError(f"{path}: {exc.strerror or exc}") from exc
+                keys.append(None)
+        found: dict[tuple[str, int], torch.Tensor] = {}
+        for key in keys:
+            if key is not None and key in self._cache:
+                self._cache.move_to_end(key)  # the order of use decides what goes first
+                found[key] = self._cache[key]
+        missing = list(dict.fromkeys(k for k in keys if k is not None and k not in found))
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            # Decoding threads run ahead while the model encodes the previous batch.
+            loaded = zip(missing, pool.map(self._try_load, [p for p, _ in missing]), strict=True)
+            while chunk := list(itertools.islice(loaded, self.batch_size)):
+                ready = []
+                for key, (tensor, error) in chunk:
+                    if error is not None and strict:
+                        raise DecodeError(f"{key[0]}: {error}")
+                    if tensor is not None:
+                        ready.append((key, tensor))
+                if not ready:
+                    continue
+                encoded = self.captioner.encode_images(torch.stack([t for _, t in ready])).cpu()
+                for (key, _), memory in zip(ready, encoded, strict=True):
+                    found[key] = memory
+                    self._remember(key, memory)
+        return [found.get(key) if key is not None else None for key in keys]
+
+    def _try_load(self, path: str) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            return self._load(path), None
+        except DecodeError as exc:
+            return None, str(exc)
+
+    def _remember(self, key: tuple[str, int], memory: torch.Tensor) -> None:
+        self._cache[key] = memory
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def caption_scores(self, texts: Sequence[str], memories: Sequence[torch.Tensor]) -> np.ndarray:
+        """Mean over ``texts`` of each text's log-likelihood per token, per memory."""
+        rows = []
+        for start in range(0, len(memories), self.batch_size):
+            batch = torch.stack(list(memories[start : start + self.batch_size]))
+            rows.append(np.mean([self.captioner.score(batch, t) for t in texts], axis=0))
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)
+
+    def rerank(
+        self,
+        texts: Sequence[str],
+        paths: Sequence[str],
+        similarities: Sequence[float],
+        fusion: Fusion,
+    ) -> list[Rescored]:
+        """Candidates (best first by similarity) reordered by the fused score.
+
+        A photo that cannot be read now keeps its similarity and gets the lowest caption score
+        of the others, so it is never promoted by a score it did not earn.
+        """
+        memories = self.memories(paths, strict=False)
+        readable = [i for i, m in enumerate(memories) if m is not None]
+        scores = self.caption_scores(texts, [memories[i] for i in readable])
+        caption: list[float | None] = [None] * len(paths)
+        for i, value in zip(readable, scores.tolist(), strict=True):
+            caption[i] = value
+        floor = float(scores.min()) if len(scores) else 0.0
+        fused = fuse(similarities, [floor if c is None else c for c in caption], fusion)
+        order = sorted(range(len(paths)), key=lambda i: (-fused[i], i))
+        return [Rescored(i, float(similarities[i]), caption[i], float(fused[i])) for i in order]
+
+    def caption(
+        self, paths: Sequence[str], beams: int = 3, *, strict: bool = True
+    ) -> list[str | None]:
+        """One caption per photo file (beam search).
+
+        An unreadable photo raises DecodeError (naming it) when ``strict``, else gets None.
+        """
+        memories = self.memories(paths, strict=strict)
+        readable = [i for i, m in enumerate(memories) if m is not None]
+        out: list[str | None] = [None] * len(paths)
+        for start in range(0, len(readable), self.batch_size):
+            chunk = readable[start : start + self.batch_size]
+            texts = self.captioner.generate(torch.stack([memories[i] for i in chunk]), beams)
+            for i, text in zip(chunk, texts, strict=True):
+                out[i] = text
+        return out
+
+
+def candidate_scores(
+    captioner: Captioner,
+    memory: torch.Tensor,
+    texts: Sequence[str],
+    candidates: np.ndarray,
+    progress: bool = False,
+) -> np.ndarray:
+    """Caption scores of each text's candidates: ``candidates[q]`` indexes rows of ``memory``
+    (one per image); returns an array shaped like ``candidates``. For recall evaluation."""
+    from tqdm import tqdm
+
+    out = np.zeros(candidates.shape, dtype=np.float32)
+    for q in tqdm(range(len(texts)), desc="rerank", unit="query", disable=not progress):
+        out[q] = captioner.score(memory[torch.from_numpy(candidates[q])], texts[q])
+    return out
+
+
+def reranked_ranks(
+    similarities: np.ndarray,
+    owner: np.ndarray,
+    candidates: np.ndarray,
+    caption: np.ndarray,
+    fusion: Fusion,
+    depth: int,
+) -> np.ndarray:
+    """Rank (1 = first) of each query's own image once its top ``depth`` are reranked.
+
+    ``similarities`` is (queries, images); ``candidates`` holds each query's images best first
+    by similarity (at least ``depth`` columns) and ``caption`` their caption scores. An image
+    outside the top ``depth`` keeps its vector-search rank.
+    """
+    rows = np.arange(len(owner))
+    plain = 1 + (similarities > similarities[rows, owner][:, None]).sum(1)
+    head = candidates[:, :depth]
+    fused = fuse(np.take_along_axis(similarities, head, 1), caption[:, :depth], fusion)
+    hit = head == owner[:, None]
+    inside = hit.any(1)
+    own = np.where(inside, (fused * hit).sum(1), 0.0)
+    return np.where(inside, 1 + (fused > own[:, None]).sum(1), plain)
+
+
+def rerank_recall(
+    encoder: DualEncoder,
+    captioner: Captioner,
+    pairs: Sequence[tuple[Path, Sequence[str]]],
+    fusion: Fusion,
+    depth: int = DEFAULT_DEPTH,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Text->image Recall@1/5/10 (percent) with each caption's top ``depth`` reranked, on
+    (image path, captions) pairs as ``encoders.captions.read_captions`` gives them."""
+    from encoders.evaluate import KS, embed_captions, embed_image_files
+
+    texts = [caption for _, captions in pairs for caption in captions]
+    owner = np.array([i for i, (_, captions) in enumerate(pairs) for _ in captions])
+    paths = [p for p, _ in pairs]
+    similarities = (
+        embed_captions(encoder, texts, progress=progress)
+        @ embed_image_files(encoder, paths, batch_size, progress).T
+    )
+    candidates = np.argsort(-similarities, axis=1, kind="stable")[:, :depth]
+    memory = torch.stack(Reranker(captioner).memories([str(p) for p in paths], strict=True))
+    caption = candidate_scores(captioner, memory, texts, candidates, progress)
+    ranks = reranked_ranks(similarities, owner, candidates, caption, fusion, depth)
+    return {f"t2i_r{k}": float(100.0 * np.mean(ranks <= k)) for k in KS}

@@ -1,0 +1,161 @@
+"""Indexing with Ray actors gives the single-process index, resumes by shard, reuses vectors."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import ray
+from conftest import TINY_CONFIG, TINY_SPEC
+from imagegen import make_corrupt_jpeg, make_photo
+
+from encoders import load_encoder
+from indexer import distributed
+from indexer.distributed import EmbedPool, Shard, index_folder_ray, staging_folder
+from indexer.pipeline import index_folder
+from indexer.store import NewImage, Store
+
+PHOTOS = 11  # plus one broken file: 12 files, 3 shards of 4
+SHARD = 4
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One local two-CPU Ray and two tiny-model actors for the whole module (startup is slow)."""
+    hook = functools.partial(open_clip.add_model_config, str(TINY_CONFIG))
+    hook.__name__ = "add_tiny_model_config"  # Ray names setup hooks
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env={"worker_process_setup_hook": hook},
+    )
+    with EmbedPool(TINY_SPEC) as embedders:
+        yield embedders
+    ray.shutdown()
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    for n in range(PHOTOS):
+        taken = datetime(2020, 1, n + 1, 8, 30) if n % 3 == 0 else None
+        make_photo(
+            folder / f"sub{n % 2}" / f"p{n:02d}.jpg",
+            color=(n * 20, 250 - n * 20, 90),
+            taken_at=taken,
+        )
+    make_corrupt_jpeg(folder / "broken.jpg")
+    return folder
+
+
+def _rows(store: Store) -> dict[str, tuple]:
+    states = store.states_under("/")
+    rows = store.get_rows([s.id for s in states.values()])
+    return {
+        row.path: (
+            row.status,
+            row.error,
+            row.fingerprint,
+            row.width,
+            row.height,
+            row.taken_at,
+            store.vector_of(row.id),
+        )
+        for row in rows.values()
+    }
+
+
+def _assert_same_rows(got: dict[str, tuple], want: dict[str, tuple]) -> None:
+    assert got.keys() == want.keys()
+    for path, (*facts, vector) in got.items():
+        *want_facts, want_vector = want[path]
+        assert facts == want_facts, path
+        if want_vector is None:
+            assert vector is None, path
+        else:
+            np.testing.assert_allclose(vector, want_vector, atol=1e-5, err_msg=path)
+
+
+@pytest.fixture
+def reference(tmp_path: Path, photos: Path) -> dict[str, tuple]:
+    store = Store(tmp_path / "reference.db")
+    index_folder(store, load_encoder(TINY_SPEC), str(photos), workers=0, progress=False)
+    rows = _rows(store)
+    store.close()
+    return rows
+
+
+def test_ray_index_equals_single_process_index(
+    tmp_path: Path, photos: Path, reference: dict[str, tuple], pool: EmbedPool
+) -> None:
+    store = Store(tmp_path / "library.db")
+    report = index_folder_ray(
+        store, pool, str(photos), shard_size=SHARD, batch_size=3, progress=False
+    )
+    assert (report.scanned, report.added, report.failed) == (PHOTOS + 1, PHOTOS, 1)
+    assert (report.shards, report.shards_resumed) == (3, 0)
+    _assert_same_rows(_rows(store), reference)
+    assert not list(staging_folder(store).iterdir())  # merged shards are deleted
+
+
+def test_interrupted_run_merges_finished_shards_instead_of_embedding_them(
+    tmp_path: Path,
+    photos: Path,
+    reference: dict[str, tuple],
+    pool: EmbedPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Store(tmp_path / "library.db")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # the driver dies as the first finished shard comes in
+
+    monkeypatch.setattr(distributed, "_merge", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    monkeypatch.undo()
+    finished = list(staging_folder(store).glob("shard-*.npz"))
+    assert 1 <= len(finished) <= 3 and sum(store.counts().values()) == 0
+
+    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    assert report.shards_resumed == len(finished)
+    assert report.shards == 3 - len(finished)  # only the unfinished files were embedded
+    assert (report.added, report.failed) == (PHOTOS, 1)
+    _assert_same_rows(_rows(store), reference)
+    assert not list(staging_folder(store).glob("shard-*"))
+
+
+def test_moved_file_reuses_its_stored_vector(tmp_path: Path, photos: Path, pool: EmbedPool) -> None:
+    store = Store(tmp_path / "library.db")
+    index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    before = _rows(store)
+    old = photos / "sub0" / "p00.jpg"
+    new = photos / "renamed.jpg"
+    shutil.move(old, new)
+
+    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    # the other PHOTOS - 1 photos and the broken file are unchanged
+    assert (report.reused, report.added, report.removed, report.unchanged) == (1, 0, 1, PHOTOS)
+    after = _rows(store)
+    assert str(old) not in after
+    np.testing.assert_array_equal(after[str(new)][-1], before[str(old)][-1])
+
+
+def test_leftover_shard_of_other_weights_is_discarded(
+    tmp_path: Path, photos: Path, reference: dict[str, tuple], pool: EmbedPool
+) -> None:
+    store = Store(tmp_path / "library.db")
+    staging = staging_folder(store)
+    staging.mkdir()
+    stale = Shard([NewImage(str(photos / "sub0" / "p00.jpg"), 1, 2, error="x")], [False], "old")
+    stale.write(staging / "shard-old.npz", pool.dim)
+
+    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    assert (report.shards_discarded, report.shards_resumed, report.added) == (1, 0, PHOTOS)
+    _assert_same_rows(_rows(store), reference)

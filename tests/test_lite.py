@@ -1,0 +1,79 @@
+"""The shipped pixseek-lite loads offline and behaves as a DualEncoder."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoders.base import EncoderError
+from encoders.lite import DEFAULT_WEIGHTS, LiteEncoder
+
+FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+
+
+@pytest.fixture(scope="module")
+def lite() -> LiteEncoder:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        return LiteEncoder.load(device="cpu")
+
+
+def test_shipped_weights_are_small():
+    assert DEFAULT_WEIGHTS.is_file()
+    assert DEFAULT_WEIGHTS.stat().st_size < 25e6
+
+
+def test_embeddings_have_the_right_shape_and_unit_norm(lite):
+    images = [Image.new("RGB", (300, 200), c) for c in ("red", "navy")]
+    image_emb = lite.embed_pil(images)
+    text_emb = lite.embed_texts(["a red wall", "a dog running on the beach", "x " * 200])
+    assert image_emb.shape == (2, lite.dim) and text_emb.shape == (3, lite.dim)
+    assert image_emb.dtype == np.float32 and text_emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1, atol=1e-5)
+    assert lite.embed_texts([]).shape == (0, lite.dim)
+
+
+def test_one_cnn_pass_serves_grid_and_embedding(lite):
+    batch = torch.stack([lite.preprocess(Image.new("RGB", (224, 224), "green"))] * 2)
+    grid = lite.image_grid(batch)
+    assert grid.shape == (2, 1280, 7, 7)
+    np.testing.assert_allclose(lite.embed_grid(grid), lite.embed_images(batch), atol=1e-5)
+
+
+def test_model_id_is_stable_across_loads(lite):
+    again = LiteEncoder.load(device="cpu")
+    assert lite.model_id == again.model_id
+    assert lite.model_id.startswith("pixseek-lite@")
+
+
+def test_preprocess_pickles_for_decode_workers(lite):
+    restored = pickle.loads(pickle.dumps(lite.preprocess))
+    image = Image.new("RGB", (64, 48), "white")
+    assert torch.equal(restored(image), lite.preprocess(image))
+
+
+def test_loading_a_foreign_file_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"something": 1}, bogus)
+    with pytest.raises(EncoderError, match="not a pixseek-lite checkpoint"):
+        LiteEncoder.load(bogus)
+    with pytest.raises(EncoderError, match="no pixseek-lite checkpoint"):
+        LiteEncoder.load(tmp_path / "absent.pt")
+
+
+@pytest.mark.integration
+def test_captions_find_their_photos(lite):
+    """On 50 Flickr8k dev photos the right photo is usually in the top 5 (chance: 10%)."""
+    if not FLICKR.is_dir():
+        pytest.skip("Flickr8k not available")
+    from encoders.captions import read_captions
+    from encoders.evaluate import evaluate_encoder
+
+    pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")[:50]
+    metrics = evaluate_encoder(lite, pairs)
+    assert metrics.t2i_r5 > 60 and metrics.i2t_r5 > 60
