@@ -217,6 +217,24 @@ class CaptionDecoder(nn.Module):
         return x @ self.tokens.weight.T
 
 
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d into the Conv2d just before it, in place.
+
+    By hand rather than with torch.fx's ``fuse``: tracing patches ``nn.Module.__call__`` for the
+    whole process, which breaks modules that other threads (image decoding, a server's indexing)
+    run meanwhile.
+    """
+    for child in module.children():
+        fold_batch_norm(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            conv, norm = module[i], module[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module[i] = nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+                module[i + 1] = nn.Identity()
+    return module
+
+
 def load_wordpiece():
     """MiniLM's WordPiece tokenizer (installed with pixseek-lite's text tower; no hub access)."""
     from .lite import load_tokenizer
@@ -273,11 +291,9 @@ class PixseekCaptioner(Captioner):
         times faster on a CPU than the eager tower (50 photos: 7.0 s -> 2.4 s on one busy core).
         """
         if self._tower is None:
-            from torch.fx.experimental.optimization import fuse
-
             with torch.random.fork_rng():  # seeded: the random test tower is the same each time
                 torch.manual_seed(0)
-                tower = fuse(build_backbone(self.config.tower))
+                tower = fold_batch_norm(build_backbone(self.config.tower))
             self._tower = tower.to(self.device, memory_format=torch.channels_last)
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with autocast_for(self.device):

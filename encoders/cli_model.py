@@ -85,20 +85,32 @@ def train_command(images, captions, split, out, base, epochs, batch_size, lr, va
               "written by `pixseek train`.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_device
+@click.option("--rerank", is_flag=True,
+              help="Also text->image recall with the captioner reranking the top results.")
+@click.option("--rerank-depth", type=click.IntRange(min=1), default=None,
+              help="How many top results to rerank (default: the search default).")
+@click.option("--captioner", envvar="PIXSEEK_CAPTIONER", default=None,
+              help="Captioner for --rerank (default: the shipped pixseek-captioner).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_command(images, captions, split, model, batch_size, device, as_json, quiet) -> None:
+def eval_command(images, captions, split, model, batch_size, device, rerank, rerank_depth,
+                 captioner, as_json, quiet) -> None:
     """Recall@1/5/10 and median rank of text->image and image->text retrieval."""
     from encoders.evaluate import evaluate_encoder
 
+    reranked: dict = {}
     try:
         pairs = read_captions(captions, images, split)
         encoder = load_encoder(model, device=device)
         metrics = evaluate_encoder(encoder, pairs, batch_size, progress=not quiet)
+        if rerank:
+            reranked = _rerank_recall(encoder, pairs, captioner, rerank_depth, batch_size,
+                                      device, not quiet)
     except _EXPECTED as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps({"model": encoder.model_id, **metrics.to_dict()}, indent=2))
+        extra = {"reranked": reranked} if rerank else {}
+        click.echo(json.dumps({"model": encoder.model_id, **metrics.to_dict(), **extra}, indent=2))
         return
     m = metrics
     click.echo(f"{encoder.model_id}: {m.images} images, {m.texts} captions")
@@ -108,3 +120,22 @@ def eval_command(images, captions, split, model, batch_size, device, as_json, qu
         ("image->text", m.i2t_r1, m.i2t_r5, m.i2t_r10, m.i2t_median_rank),
     ):
         click.echo(f"{label:12} {_percent(r1)}  {_percent(r5)}  {_percent(r10)}  {med:11g}")
+    if rerank:
+        r = reranked
+        click.echo(f"{'reranked':12} {_percent(r['t2i_r1'])}  {_percent(r['t2i_r5'])}  "
+                   f"{_percent(r['t2i_r10'])}  (text->image; top {r['depth']} rescored by "
+                   f"{r['captioner']}: {r['similarity']:g} x similarity + {r['caption']:g} x "
+                   "caption log-likelihood)")
+
+
+def _rerank_recall(encoder, pairs, spec, depth, batch_size, device, progress) -> dict:
+    """Text->image recall with search's reranking: same captioner, fusion weights and depth."""
+    from encoders.captioner import load_captioner
+    from search.rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, rerank_recall
+
+    captioner = load_captioner(spec, device=device)
+    fusion = FUSION.get((encoder.name, captioner.name), FALLBACK_FUSION)
+    depth = depth or DEFAULT_DEPTH
+    recall = rerank_recall(encoder, captioner, pairs, fusion, depth, batch_size, progress)
+    return {**recall, "depth": depth, "captioner": captioner.model_id,
+            "similarity": fusion.similarity, "caption": fusion.caption}

@@ -63,11 +63,11 @@ class LiteConfig:
     tower: str = "mobilenet_v2"
     text: str = "minilm"
     dim: int = 256
-    pool: str = "attention"  # "attention" over the grid, or "mean"
+    pool: str = "mean"  # "mean" of the grid (measured best), or "attention" pooling
     width: int = 512  # attention-pooling width
     heads: int = 8
     text_trainable_layers: int = 1  # MiniLM's last layers fine-tuned; the rest stay frozen
-    dropout: float = 0.1
+    dropout: float = 0.0
     image_size: int = 224
     max_tokens: int = 64
 

@@ -285,11 +285,12 @@ def _merge(
     """Write a shard file's rows still wanted by this run into the store, then delete it.
 
     Rows whose file changed since the shard was made are dropped (they are embedded anew), and
-    so is a whole shard made by other weights. Returns how many rows were merged.
+    so is a whole shard made by other weights. Returns how many rows were merged. Deleting
+    only after the commit means a crash in between leaves rows the next run finds unchanged.
     """
     shard = Shard.read(path)
-    path.unlink()
     if shard.model_id != pool.model_id:
+        path.unlink()
         return 0
     keep = []
     for im, was_reused in zip(shard.images, shard.reused, strict=True):
@@ -307,6 +308,7 @@ def _merge(
         else:
             report.updated += 1
     store.write_batch(keep, pool.dim)
+    path.unlink()
     return len(keep)
 
 

@@ -13,11 +13,12 @@ from fakes import COLOURS, ColorEncoder
 from imagegen import make_corrupt_jpeg, make_photo
 
 import encoders.captioner
+import encoders.cli_model
 from encoders.base import EncoderError
 from encoders.captioner import Captioner
 from search import Library, LibraryError
 from search.cli import main
-from search.rerank import FUSION, Fusion, Reranker, rerank_recall
+from search.rerank import DEFAULT_DEPTH, FUSION, Fusion, Reranker, rerank_recall
 
 WORDS = ["<s>", "</s>", "a", "photo", *COLOURS]
 RGB = torch.tensor(list(COLOURS.values()))
@@ -236,3 +237,18 @@ def test_rerank_recall_measures_reranked_ranks(photos: dict[str, str]) -> None:
     pairs = [(Path(photos[c]), [f"a {c} photo", c]) for c in ("red", "green", "blue", "yellow")]
     recall = rerank_recall(ColorEncoder(), ColourCaptioner(), pairs, Fusion(1.0, 0.1), depth=2)
     assert recall == {"t2i_r1": 100.0, "t2i_r5": 100.0, "t2i_r10": 100.0}
+
+
+def test_eval_rerank_reports_reranked_recall(
+    photos: dict[str, str], captioner: ColourCaptioner, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(encoders.cli_model, "load_encoder", lambda *_, **__: ColorEncoder())
+    rows = ["image\tcaption"] + [f"{Path(p).name}\ta {c} photo" for c, p in photos.items()]
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    folder = str(Path(photos["red"]).parent)
+    args = ["--images", folder, "--captions", str(tmp_path / "captions.tsv"), "--rerank", "--json"]
+    result = CliRunner().invoke(encoders.cli_model.eval_command, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    reranked = json.loads(result.output)["reranked"]
+    assert reranked["t2i_r1"] == 100.0
+    assert (reranked["depth"], reranked["caption"]) == (DEFAULT_DEPTH, 0.1)

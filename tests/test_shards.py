@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from clustered import clustered_vectors  # noqa: E402
 
 N, DIM, SHARD_ROWS, CHUNK = 20_000, 64, 6_000, 3_500  # 4 shards; chunks straddle shards
-FACTORY = "IVF64,PQ16"
+FACTORY = "IVF64,PQ16x4"  # 4-bit codes: trains in a blink, still far from exact
 NPROBE = 16
 
 
@@ -36,7 +36,7 @@ def _chunks(ids: np.ndarray, vectors: np.ndarray, stop: int | None = None):
 
 def _build(folder: Path, data, stop: int | None = None) -> list[Path]:
     ids, vectors, _ = data
-    train(folder, vectors[:10_000], shard_rows=SHARD_ROWS, factory=FACTORY, nprobe=NPROBE)
+    train(folder, vectors[:5_000], shard_rows=SHARD_ROWS, factory=FACTORY, nprobe=NPROBE)
     return build_shards(folder, _chunks(ids, vectors, stop))
 
 
@@ -65,8 +65,10 @@ def test_recall_at_10_against_exact_search_is_at_least_95_percent(built: Path, d
     exact_scores, exact_rows = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)
     scores, found = ShardedIndex(built).search(queries, 10)
     assert recall_at_k(found, ids[exact_rows]) >= 0.95
-    # re-ranked scores are true cosines (float16 vectors), not PQ estimates
-    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], atol=2e-3)
+    # re-ranked scores are true cosines (up to float16 rounding), not PQ estimates
+    same = found[:, 0] == ids[exact_rows[:, 0]]
+    assert same.mean() >= 0.95
+    np.testing.assert_allclose(scores[same, 0], exact_scores[same, 0], atol=2e-3)
 
 
 def test_pq_candidates_alone_are_worse_than_reranked_results(built: Path, data) -> None:
