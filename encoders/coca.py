@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import EncoderError, fingerprint_state, pick_device
 from .captioner import Captioner
-from .openclip import _quiet_root_logger, _skip_random_init
+from .openclip import create_model
 
 
 class CocaCaptioner(Captioner):
@@ -30,26 +30,19 @@ class CocaCaptioner(Captioner):
         if "multimodal_cfg" not in (open_clip.get_model_config(arch) or {}):
             raise EncoderError(f"{arch!r} is no CoCa architecture; see open_clip.list_models()")
         self.device = pick_device(device)
-        try:
-            with (
-                _quiet_root_logger(),
-                torch.random.fork_rng(),
-                _skip_random_init(pretrained is not None),
-            ):
-                torch.manual_seed(0)
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    arch, pretrained=pretrained, device=self.device
-                )
-                if pretrained is None:
-                    # open_clip leaves this projection as torch.empty (zeros here): every token
-                    # would get the same logits and every caption the same score.
-                    decoder = model.text_decoder
-                    nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
-        except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
-            raise EncoderError(
-                f"could not load CoCa weights {arch}/{pretrained}: they are downloaded once, on "
-                "first use, which needs network access. Offline, use the pixseek-captioner."
-            ) from exc
+        model, preprocess = create_model(
+            arch,
+            pretrained,
+            self.device,
+            what="CoCa",
+            offline="Offline, use the pixseek-captioner.",
+        )
+        if pretrained is None:
+            # open_clip leaves this projection as torch.empty (zeros here): every token would
+            # get the same logits and every caption the same score.
+            decoder = model.text_decoder
+            seeded = torch.Generator(decoder.text_projection.device).manual_seed(0)
+            nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5, generator=seeded)
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -89,6 +89,31 @@ def _skip_random_init(skip: bool):
             setattr(torch.nn.init, name, func)
 
 
+def create_model(
+    arch: str, pretrained: str | None, device: torch.device, *, what: str, offline: str
+) -> tuple[torch.nn.Module, Callable]:
+    """open_clip's factory: quiet, seeded for random weights (so every process builds the same
+    model id), without random init before a checkpoint; failures become one EncoderError."""
+    import open_clip
+
+    try:
+        with (
+            _quiet_root_logger(),
+            torch.random.fork_rng(),
+            _skip_random_init(pretrained is not None),
+        ):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device
+            )
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+        raise EncoderError(
+            f"could not load {what} weights {arch}/{pretrained}: they are downloaded once, "
+            f"on first use, which needs network access (or give a checkpoint file). {offline}"
+        ) from exc
+    return model, preprocess
+
+
 class OpenClipEncoder(DualEncoder):
     """A CLIP-style model built by open_clip's factory, with its own tokenizer and transforms.
 
@@ -111,23 +136,13 @@ class OpenClipEncoder(DualEncoder):
                 f"unknown OpenCLIP architecture {arch!r}; see open_clip.list_models()"
             )
         self.device = pick_device(device)
-        try:
-            # Random weights (no tag) are seeded, so every process builds the same model id.
-            with (
-                _quiet_root_logger(),
-                torch.random.fork_rng(),
-                _skip_random_init(pretrained is not None),
-            ):
-                torch.manual_seed(0)
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    arch, pretrained=pretrained, device=self.device
-                )
-        except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
-            raise EncoderError(
-                f"could not load OpenCLIP weights {arch}/{pretrained}: they are downloaded once, "
-                "on first use, which needs network access (or give a checkpoint file). "
-                "Without a network use the offline model: --model pixseek-lite."
-            ) from exc
+        model, preprocess = create_model(
+            arch,
+            pretrained,
+            self.device,
+            what="OpenCLIP",
+            offline="Without a network use the offline model: --model pixseek-lite.",
+        )
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
