@@ -6,6 +6,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,23 @@ def fingerprint_state(module: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample.float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, fmt: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint pixseek wrote: its payload and its state in float32 (stored as fp16).
+
+    Every failure (missing, unreadable, foreign file) is an EncoderError naming ``what``.
+    """
+    if not path.is_file():
+        raise EncoderError(f"no {what} checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise EncoderError(f"{path} is not a readable {what} checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise EncoderError(f"{path} is not a {what} checkpoint ({fmt})")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state"].items()}
+    return payload, state
 
 
 def l2_normalise(x: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EncoderError, autocast_for, fingerprint_state, pick_device
+from .base import EncoderError, autocast_for, fingerprint_state, pick_device, read_checkpoint
 from .lite import DATA_DIR, TOWERS, LiteConfig, build_backbone, image_transform
 
 DEFAULT_CAPTIONER = "pixseek-captioner"
@@ -343,16 +343,8 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path | None = None) -> tuple[CaptionDecoder, list[int], dict]:
     """(decoder, vocabulary, training metadata) from a captioner checkpoint."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise EncoderError(f"no captioner weights at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise EncoderError(f"{path} is not a readable captioner checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise EncoderError(f"{path} is not a pixseek captioner checkpoint ({CHECKPOINT_FORMAT})")
+    payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "captioner")
     model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state"].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -31,6 +31,7 @@ from encoders.base import (
     fingerprint_state,
     l2_normalise,
     pick_device,
+    read_checkpoint,
 )
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -371,16 +372,8 @@ def save_checkpoint(model: LiteModel, path: str | Path, extra: dict | None = Non
 def load_model(path: str | Path | None = None) -> tuple[LiteModel, dict]:
     """Rebuild a LiteModel from a checkpoint (default: the shipped weights) -> (model, meta)."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise EncoderError(f"no pixseek-lite checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise EncoderError(f"{path} is not a readable pixseek-lite checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise EncoderError(f"{path} is not a pixseek-lite checkpoint ({CHECKPOINT_FORMAT})")
+    payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "pixseek-lite")
     model = LiteModel(LiteConfig.from_dict(payload["config"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(model.package_prefixes())]
     if missing or unexpected:
