@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .pipeline import IndexReport, _embed, _Item, _sweepable, plan
-from .scan import scan
+from .pipeline import IndexReport, PendingFile, embed_items, survey
 from .store import NewImage, Store
 
 STAGING = "ray-staging"
@@ -61,7 +60,7 @@ def staging_folder(store: Store) -> Path:
     return store.db_path.parent / STAGING
 
 
-def shard_name(items: Sequence[_Item]) -> str:
+def shard_name(items: Sequence[PendingFile]) -> str:
     """A name fixed by the shard's files and their versions, so reruns never collide."""
     digest = hashlib.blake2b(digest_size=12)
     for item in items:
@@ -137,7 +136,7 @@ class Shard:
 class _ShardSink:
     """Stands in for the Store inside a worker: look-ups go to the driver, rows to a Shard.
 
-    ``pipeline._embed`` asks for known fingerprints right before writing each batch, so the
+    ``pipeline.embed_items`` asks for known fingerprints right before writing each batch, so the
     fingerprints found by the last look-up are exactly the rows that reused a vector.
     """
 
@@ -171,11 +170,11 @@ class _Embedder:
         return self.encoder.dim, self.encoder.model_id
 
     def embed_shard(
-        self, items: list[_Item], target: str, known, batch_size: int, decode_workers: int
+        self, items: list[PendingFile], target: str, known, batch_size: int, decode_workers: int
     ) -> str:
         """Decode and embed one shard with the single-process pipeline's code; write its file."""
         sink = _ShardSink(known, self.encoder.model_id)
-        _embed(
+        embed_items(
             sink,
             self.encoder,
             items,
@@ -195,7 +194,7 @@ class EmbedPool:
     ``address=None`` starts a local Ray instance with ``local_cpus`` CPUs (default: all);
     ``"auto"`` or ``"HOST:PORT"`` joins a running cluster; a Ray already initialised in this
     process is used as it is. Each of ``workers`` actors (default: as many as the cluster's
-    CPUs, or GPUs when ``num_gpus`` > 0, hold) reserves ``num_cpus`` CPUs and ``num_gpus``
+    free CPUs, or GPUs when ``num_gpus`` > 0, hold) reserves ``num_cpus`` CPUs and ``num_gpus``
     GPUs for its lifetime; ``decode_workers`` extra processes per actor decode photos, which
     a GPU actor needs to keep its GPU busy. Ray sets OMP_NUM_THREADS to ``num_cpus``, so the
     model's threads stay within the actor's share.
@@ -222,7 +221,7 @@ class EmbedPool:
                 configure_logging=False,
             )
         if workers is None:
-            capacity = ray.cluster_resources()
+            capacity = ray.available_resources()  # actors that cannot start would hang
             fits = capacity.get("GPU", 0) / num_gpus if num_gpus else capacity["CPU"] / num_cpus
             workers = max(1, int(fits))
         self.model_spec = model_spec
@@ -280,7 +279,11 @@ class EmbedPool:
 
 
 def _merge(
-    store: Store, path: Path, pending: dict[str, _Item], pool: EmbedPool, report: RayIndexReport
+    store: Store,
+    path: Path,
+    pending: dict[str, PendingFile],
+    pool: EmbedPool,
+    report: RayIndexReport,
 ) -> int:
     """Write a shard file's rows still wanted by this run into the store, then delete it.
 
@@ -335,25 +338,7 @@ def index_folder_ray(
     started = time.perf_counter()
     known = pool.known_vectors(store)  # its process starts while we scan
     report = RayIndexReport()
-    unreadable: list[str] = []
-
-    def on_error(path: str, exc: OSError) -> None:
-        unreadable.append(path)
-        report.scan_errors.append((path, exc.strerror or str(exc)))
-
-    entries = list(
-        tqdm(
-            scan(folder, include_hidden=include_hidden, on_error=on_error),
-            desc="Scanning",
-            unit=" files",
-            disable=not progress,
-            leave=False,
-        )
-    )
-    report.scanned = len(entries)
-    todo, vanished = plan(store, folder, entries)
-    report.unchanged = len(entries) - len(todo)
-    vanished_ids = _sweepable(store, vanished, unreadable)
+    todo, vanished_ids = survey(store, folder, report, include_hidden, progress)
     staging = staging_folder(store)
     staging.mkdir(exist_ok=True)
     for torn in staging.glob(".tmp-*"):  # half-written by a worker killed with its run
@@ -386,7 +371,7 @@ def _dispatch(
     store: Store,
     pool: EmbedPool,
     known,
-    pending: dict[str, _Item],
+    pending: dict[str, PendingFile],
     report: RayIndexReport,
     tick: Callable[[int], None],
     shard_size: int,

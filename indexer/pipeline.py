@@ -53,7 +53,9 @@ class IndexReport:
 
 
 @dataclass(slots=True)
-class _Item:
+class PendingFile:
+    """A scanned file to decode and embed: new, or changed since it was stored."""
+
     entry: FileEntry
     is_new: bool
     meta: tuple[Any, ...] | None = None
@@ -63,7 +65,7 @@ class _Item:
 class _DecodeDataset(Dataset):
     """Decodes and preprocesses one file per item; never raises, failures become reasons."""
 
-    def __init__(self, items: Sequence[_Item], preprocess: Callable) -> None:
+    def __init__(self, items: Sequence[PendingFile], preprocess: Callable) -> None:
         self.items = items
         self.preprocess = preprocess
 
@@ -92,16 +94,18 @@ def _collate(samples: list) -> tuple[list, torch.Tensor | None]:
     return [(i, t is not None, meta, err) for i, t, meta, err in samples], stacked
 
 
-def plan(store: Store, folder: str, entries: Sequence[FileEntry]) -> tuple[list[_Item], list[int]]:
+def plan(
+    store: Store, folder: str, entries: Sequence[FileEntry]
+) -> tuple[list[PendingFile], list[int]]:
     """Split a scan into files to (re)decode and unchanged ones; return also the vanished ids."""
     known = store.states_under(folder)
-    todo: list[_Item] = []
+    todo: list[PendingFile] = []
     for entry in entries:
         state = known.pop(entry.path, None)
         if state is None:
-            todo.append(_Item(entry, is_new=True))
+            todo.append(PendingFile(entry, is_new=True))
         elif state.size != entry.size or state.mtime_ns != entry.mtime_ns:
-            todo.append(_Item(entry, is_new=False))
+            todo.append(PendingFile(entry, is_new=False))
     return todo, [state.id for state in known.values()]
 
 
@@ -123,6 +127,25 @@ def index_folder(
     """
     started = time.perf_counter()
     report = IndexReport()
+    todo, vanished_ids = survey(store, folder, report, include_hidden, progress)
+    if on_progress:
+        on_progress(0, len(todo))
+    if todo:
+        embed_items(store, encoder, todo, report, batch_size, workers, progress, on_progress)
+    report.removed = store.delete_ids(vanished_ids)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def survey(
+    store: Store, folder: str, report: IndexReport, include_hidden: bool, progress: bool
+) -> tuple[list[PendingFile], list[int]]:
+    """Scan a folder against the store -> (files to embed, ids of files gone from it).
+
+    Fills the report's scan counts and errors. The ids are only swept after the run's new
+    vectors are in, and never those under a folder that could not be read this time (an
+    unmounted disk is not a deletion).
+    """
     unreadable: list[str] = []
 
     def on_error(path: str, exc: OSError) -> None:
@@ -137,30 +160,17 @@ def index_folder(
     report.scanned = len(entries)
     todo, vanished = plan(store, folder, entries)
     report.unchanged = len(entries) - len(todo)
-    # A folder we could not read is not a folder whose files were deleted.
-    vanished_ids = _sweepable(store, vanished, unreadable)
-
-    if on_progress:
-        on_progress(0, len(todo))
-    if todo:
-        _embed(store, encoder, todo, report, batch_size, workers, progress, on_progress)
-    report.removed = store.delete_ids(vanished_ids)
-    report.seconds = time.perf_counter() - started
-    return report
+    if unreadable and vanished:
+        rows = store.get_rows(vanished)
+        prefixes = tuple(p.rstrip(os.sep) + os.sep for p in unreadable)
+        vanished = [i for i in vanished if not rows[i].path.startswith(prefixes)]
+    return todo, vanished
 
 
-def _sweepable(store: Store, ids: list[int], unreadable: list[str]) -> list[int]:
-    if not unreadable or not ids:
-        return ids
-    rows = store.get_rows(ids)
-    prefixes = tuple(p.rstrip(os.sep) + os.sep for p in unreadable)
-    return [i for i in ids if not rows[i].path.startswith(prefixes)]
-
-
-def _embed(
+def embed_items(
     store: Store,
     encoder: DualEncoder,
-    todo: list[_Item],
+    todo: list[PendingFile],
     report: IndexReport,
     batch_size: int,
     workers: int | None,

@@ -24,6 +24,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -290,6 +291,22 @@ class Store:
             query = query.where(ImageRow.taken_at <= taken_before)
         with Session(self.engine) as session:
             return np.fromiter(session.scalars(query), dtype=np.int64)
+
+    def uncaptioned(self) -> list[tuple[int, str]]:
+        """(id, path) of indexed photos without a caption: what ``index --captions`` fills."""
+        with Session(self.engine) as session:
+            query = select(ImageRow.id, ImageRow.path).where(
+                ImageRow.status == OK, ImageRow.caption.is_(None)
+            )
+            return [(i, path) for i, path in session.execute(query)]
+
+    def set_captions(self, captions: Sequence[tuple[int, str]]) -> None:
+        """Store generated captions, one transaction per call (a batch survives a crash)."""
+        with Session(self.engine) as session, session.begin():
+            for image_id, text in captions:
+                session.execute(
+                    update(ImageRow).where(ImageRow.id == image_id).values(caption=text)
+                )
 
     def counts(self) -> dict[str, int]:
         query = select(ImageRow.status, func.count()).group_by(ImageRow.status)

@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 from platformdirs import user_data_dir
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from encoders import (
@@ -26,13 +24,17 @@ from encoders import (
 from indexer import vectorfile
 from indexer.ann import VectorIndex
 from indexer.decode import DecodeError, decode_bytes, decode_file
+from indexer.distributed import EmbedPool, index_folder_ray
 from indexer.pipeline import IndexReport, index_folder
-from indexer.store import FAILED, OK, ImageRow, Store
+from indexer.store import FAILED, OK, Store
 
 from .query import compose
 from .rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, Fusion, Reranker
 
 DB_NAME = "library.db"
+
+
+_REPORT_COUNTS = ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed")
 
 
 class LibraryError(RuntimeError):
@@ -237,10 +239,17 @@ class Library:
         include_hidden: bool = False,
         progress: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
+        ray: str | None = None,
+        ray_gpus: float = 0,
     ) -> IndexReport:
         """Index folders (or, with none given, every folder indexed before); incremental.
 
         ``on_progress(done, total)`` follows the photos to embed in the folder being indexed.
+        ``ray`` spreads decoding and embedding over Ray actors: ``"local"`` starts Ray on this
+        machine, ``"auto"`` or ``"HOST:PORT"`` joins a cluster (photo and library folders at
+        the same paths on every node). Each actor takes ``ray_gpus`` GPUs and ``workers``
+        decoding processes. The vectors are the same as without Ray, and an interrupted run
+        resumes from the shards it finished.
         """
         targets = [_abspath(f) for f in folders] or self.store.folders()
         if not targets:
@@ -254,25 +263,49 @@ class Library:
             self.store.set_settings(model="", model_id="")
             self._reset_pending = False
         total = IndexReport()
-        for target in targets:
-            self.store.add_folder(target)
-            report = index_folder(
-                self.store,
-                self.encoder,
-                target,
-                batch_size=batch_size,
-                workers=workers,
-                include_hidden=include_hidden,
-                progress=progress,
-                on_progress=on_progress,
-            )
-            self.store.add_folder(target, indexed_at=datetime.now())
-            for name in ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed"):
-                setattr(total, name, getattr(total, name) + getattr(report, name))
-            total.seconds += report.seconds
-            total.scan_errors += report.scan_errors
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(self._embed_pool(ray, ray_gpus, workers)) if ray else None
+            for target in targets:
+                self.store.add_folder(target)
+                options = dict(
+                    include_hidden=include_hidden,
+                    progress=progress,
+                    on_progress=on_progress,
+                    batch_size=batch_size,
+                )
+                if pool is not None:
+                    report = index_folder_ray(self.store, pool, target, **options)
+                else:
+                    report = index_folder(
+                        self.store, self.encoder, target, workers=workers, **options
+                    )
+                self.store.add_folder(target, indexed_at=datetime.now())
+                for name in _REPORT_COUNTS:
+                    setattr(total, name, getattr(total, name) + getattr(report, name))
+                total.seconds += report.seconds
+                total.scan_errors += report.scan_errors
         self._refresh_index()
         return total
+
+    def _embed_pool(self, address: str, gpus: float, decode_workers: int | None) -> EmbedPool:
+        """Ray actors holding this library's model; refused if they load other weights."""
+        here = self.encoder.model_id  # also settles which model (the default) the library uses
+        try:
+            pool = EmbedPool(
+                self._spec,
+                address=None if address == "local" else address,
+                num_gpus=gpus,
+                decode_workers=decode_workers or 0,
+            )
+        except Exception as exc:  # Ray reports a bad address or missing weights in many ways
+            raise LibraryError(f"cannot start the Ray workers ({address}): {exc}") from exc
+        if pool.model_id != here:
+            pool.close()
+            raise LibraryError(
+                f"the Ray workers loaded other weights for {self._spec!r} "
+                f"({pool.model_id}, here {here}): install the same model on every node"
+            )
+        return pool
 
     def remove(self, folder: str | os.PathLike) -> int:
         """Forget a folder and its images (the files themselves are untouched)."""
@@ -457,21 +490,14 @@ class Library:
         new; a photo unreadable now is left for the next run.
         """
         reranker = self._captioning()
-        with Session(self.store.engine) as session:
-            todo = session.execute(
-                select(ImageRow.id, ImageRow.path).where(
-                    ImageRow.status == OK, ImageRow.caption.is_(None)
-                )
-            ).all()
+        todo = self.store.uncaptioned()
         written = 0
         steps = range(0, len(todo), batch_size)
         for start in tqdm(steps, desc="captions", unit="batch", disable=not progress):
             chunk = todo[start : start + batch_size]
             texts = reranker.caption([path for _, path in chunk], strict=False)
             done = [(i, text) for (i, _), text in zip(chunk, texts, strict=True) if text]
-            with Session(self.store.engine) as session, session.begin():
-                for i, text in done:
-                    session.execute(update(ImageRow).where(ImageRow.id == i).values(caption=text))
+            self.store.set_captions(done)
             written += len(done)
         return written
 

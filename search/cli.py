@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -67,6 +68,16 @@ def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
     ctx.obj = {"library": library, "device": device}
 
 
+def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a folder where an address belongs: ``--ray ~/Photos`` reads the folder as one."""
+    if value is None or value in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.-]+:\d+", value):
+        return value
+    raise click.BadParameter(
+        f"{value!r} is not a Ray address ('local', 'auto' or HOST:PORT); "
+        "put the folders before --ray, or write --ray=local"
+    )
+
+
 @main.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=True, path_type=Path))
 @click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
@@ -76,6 +87,18 @@ def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option(
     "--captions", is_flag=True, help="Also caption photos that have no caption yet (slower)."
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    callback=_ray_address,
+    help="Embed on Ray actors: alone (or 'local') starts Ray here; 'auto' or HOST:PORT joins "
+    "a cluster. Give it after the folders.",
+)
+@click.option(
+    "--ray-gpus", default=0.0, type=click.FloatRange(0), help="GPUs per Ray actor (with --ray)."
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
@@ -90,6 +113,8 @@ def index(
     workers: int | None,
     include_hidden: bool,
     captions: bool,
+    ray_address: str | None,
+    ray_gpus: float,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -104,6 +129,8 @@ def index(
         workers=workers,
         include_hidden=include_hidden,
         progress=not quiet and not as_json,
+        ray=ray_address,
+        ray_gpus=ray_gpus,
     )
     captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
     if as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import open_clip
 import pytest
 import ray
+from click.testing import CliRunner
 from conftest import TINY_CONFIG, TINY_SPEC
 from imagegen import make_corrupt_jpeg, make_photo
 
@@ -19,6 +21,8 @@ from indexer import distributed
 from indexer.distributed import EmbedPool, Shard, index_folder_ray, staging_folder
 from indexer.pipeline import index_folder
 from indexer.store import NewImage, Store
+from search.api import Library
+from search.cli import main
 
 PHOTOS = 11  # plus one broken file: 12 files, 3 shards of 4
 SHARD = 4
@@ -26,16 +30,17 @@ SHARD = 4
 
 @pytest.fixture(scope="module")
 def pool():
-    """One local two-CPU Ray and two tiny-model actors for the whole module (startup is slow)."""
+    """One local Ray and two tiny-model actors for the whole module (startup is slow); two more
+    CPUs stay free for the pools that ``Library.index(ray=...)`` starts."""
     hook = functools.partial(open_clip.add_model_config, str(TINY_CONFIG))
     hook.__name__ = "add_tiny_model_config"  # Ray names setup hooks
     ray.init(
-        num_cpus=2,
+        num_cpus=4,
         include_dashboard=False,
         configure_logging=False,
         runtime_env={"worker_process_setup_hook": hook},
     )
-    with EmbedPool(TINY_SPEC) as embedders:
+    with EmbedPool(TINY_SPEC, workers=2) as embedders:
         yield embedders
     ray.shutdown()
 
@@ -159,3 +164,24 @@ def test_leftover_shard_of_other_weights_is_discarded(
     report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
     assert (report.shards_discarded, report.shards_resumed, report.added) == (1, 0, PHOTOS)
     _assert_same_rows(_rows(store), reference)
+
+
+def test_library_index_with_ray_gives_the_single_process_vectors(
+    tmp_path: Path, photos: Path, reference: dict[str, tuple], pool: EmbedPool
+) -> None:
+    with Library.open(tmp_path / "lib", model=TINY_SPEC) as library:
+        report = library.index([photos], ray="local")
+        assert (report.added, report.failed) == (PHOTOS, 1)
+        _assert_same_rows(_rows(library.store), reference)
+        assert library.search("a photo", k=3)  # the merged rows are searchable
+
+
+def test_cli_index_ray_flag_and_a_folder_given_as_its_address(tmp_path: Path, photos: Path) -> None:
+    runner = CliRunner()
+    base = ["--library", str(tmp_path / "lib"), "index", "--model", TINY_SPEC]
+    wrong = runner.invoke(main, [*base, "--ray", str(photos)])
+    assert wrong.exit_code == 2 and "not a Ray address" in wrong.output
+
+    done = runner.invoke(main, [*base, str(photos), "--ray", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["added"] == PHOTOS
