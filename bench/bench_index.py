@@ -94,8 +94,10 @@ def main() -> None:
     print(f"| model-only throughput (pre-decoded tensors) | {ceiling:.1f} images/s |")
     print(f"| indexing pipeline throughput | {pipeline:.1f} images/s |")
     print(f"| pipeline / model-only | {pipeline / ceiling:.0%} |")
-    print(f"| text query latency p50 / p95 ({report.embedded} images) | "
-          f"{statistics.median(latencies):.1f} / {q[18]:.1f} ms |")
+    print(
+        f"| text query latency p50 / p95 ({report.embedded} images) | "
+        f"{statistics.median(latencies):.1f} / {q[18]:.1f} ms |"
+    )
     print(f"| cold `pixseek search` wall time | {cold:.2f} s |")
 
 

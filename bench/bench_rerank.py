@@ -59,8 +59,10 @@ def dev(args: argparse.Namespace) -> None:
     owner = np.array([i for i, (_, cs) in enumerate(pairs) for _ in cs])[: args.queries]
     encoder = load_encoder(args.model)
     captioner = load_captioner(args.captioner)
-    tower = getattr(getattr(encoder, "config", None), "tower", None)
-    grids = cached_grids(tower, names) if tower else None
+    config = getattr(encoder, "config", None)
+    # The cache holds the CNN's last map: the grid of a model whose blocks are all frozen.
+    frozen = config is not None and not getattr(config, "tower_trainable_blocks", 0)
+    grids = cached_grids(config.tower, names) if frozen else None
     start = time.time()
     if grids is not None:
         image_emb = np.concatenate([encoder.embed_grid(g) for g in grids.split(100)])

@@ -31,16 +31,21 @@ def image_names() -> list[str]:
     return names
 
 
-def cache_images(tower: str, flip: bool, batch: int, rows: slice) -> None:
-    """(N, C, 7, 7) fp16 memmap of the frozen CNN's last map, optionally of mirrored images.
+def cache_images(tower: str, flip: bool, batch: int, rows: slice, blocks: int | None) -> None:
+    """(N, C, h, w) fp16 memmap of the frozen CNN's last map, optionally of mirrored images.
 
     ``rows`` fills part of an existing file (a quick tower comparison needs only some rows).
+    ``blocks`` stops MobileNetV2 after its first N feature blocks: the input of the blocks that
+    training fine-tunes (``LiteConfig.tower_trainable_blocks``).
     """
     names = image_names()
     backbone = build_backbone(tower)
+    if blocks is not None:
+        backbone = backbone[:blocks]
     preprocess = image_transform(LiteConfig(tower=tower))
     first = backbone(preprocess(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
-    out_path = CACHE / f"{tower}{'_flip' if flip else ''}.npy"
+    suffix = f"_b{blocks}" if blocks is not None else ""
+    out_path = CACHE / f"{tower}{suffix}{'_flip' if flip else ''}.npy"
     if out_path.is_file():
         out = np.load(out_path, mmap_mode="r+")
     else:
@@ -121,12 +126,13 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0, help="first image row to (re)compute")
     parser.add_argument("--stop", type=int, default=None, help="row after the last one")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--blocks", type=int, help="cache MobileNetV2 after its first N blocks")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.what == "images":
-        cache_images(args.tower, args.flip, args.batch, slice(args.start, args.stop))
+        cache_images(args.tower, args.flip, args.batch, slice(args.start, args.stop), args.blocks)
     else:
         cache_texts(args.batch * 8)
 

@@ -30,6 +30,7 @@ from encoders.captioner import (
     CaptionDecoder,
     CaptionerConfig,
     clean_caption,
+    load_checkpoint,
     load_wordpiece,
     save_checkpoint,
 )
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="Stop early (timing runs).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda: an epoch takes seconds there")
+    parser.add_argument("--flip", action="store_true", help="mirrored maps for half the captions")
+    parser.add_argument("--init", type=Path, help="continue from this captioner checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -128,6 +131,8 @@ def main() -> None:
     dev_names = (FLICKR / "dev.txt").read_text().split()
     feats = np.load(CACHE / f"{args.tower}.npy", mmap_mode="r")
     grids = np.ascontiguousarray(feats)  # 7000 x 1280 x 7 x 7 fp16, ~0.9 GB in memory
+    if args.flip:  # rows n + 7000 are the mirrored images (a caption's left/right may not hold)
+        grids = np.concatenate([grids, np.load(CACHE / f"{args.tower}_flip.npy")])
     captions = parse_caption_file(FLICKR / "captions.tsv")
     tokenizer = load_wordpiece()
 
@@ -145,7 +150,13 @@ def main() -> None:
     train_seqs = encode(train_ids, vocab, config.max_tokens)
     dev_seqs = encode(dev_ids, vocab, config.max_tokens)
     lengths = np.array([len(s) for s in train_seqs])
-    model = CaptionDecoder(config).to(args.device)
+    model = CaptionDecoder(config)
+    if args.init:
+        model, init_vocab, _ = load_checkpoint(args.init)
+        if init_vocab != vocab:
+            raise SystemExit(f"{args.init} was trained with another vocabulary")
+        config = model.config
+    model = model.to(args.device)
     params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(vocab)}, {params / 1e6:.2f} M parameters, {len(train_seqs)} captions")
 
@@ -162,8 +173,11 @@ def main() -> None:
     model.train()
     for epoch in range(1, args.epochs + 1):
         running = []
+        rows = train_rows
+        if args.flip:
+            rows = train_rows + len(names) * (rng.random(len(train_rows)) < 0.5)
         for idx in batches(lengths, args.batch, rng):
-            loss = loss_of(model, grids, train_rows, train_seqs, idx)
+            loss = loss_of(model, grids, rows, train_seqs, idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)

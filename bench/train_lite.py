@@ -6,8 +6,8 @@ JSON line to /work/cache/logs/variants.jsonl. Examples (the shipped model is the
 
     python bench/train_lite.py --tower mobilenet_v2 --pool mean --text-layers 0 --epochs 10
     python bench/train_lite.py --tower efficientnet_lite0 --pool mean --text-layers 0 --epochs 10
-    python bench/train_lite.py --pool attention --text-layers 1 --flip --epochs 30 \\
-        --save data/pixseek-lite.pt
+    python bench/lite_features.py images --blocks 14 [--flip]   # caches for --tower-blocks
+    python bench/train_lite.py --pool mean --text-layers 1 --tower-blocks 2 --flip --epochs 10
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
@@ -30,6 +30,7 @@ from encoders.train import build_optimizer, contrastive_step, cosine_schedule, e
 CACHE = Path("/work/cache/feats")
 LOG = Path("/work/cache/logs/variants.jsonl")
 N_TRAIN = 6000  # images.txt lists the 6000 train images first, then the 1000 dev images
+CUT = 14  # mobilenet_v2_b14*.npy hold MobileNetV2's map before its block 14
 
 
 class CachedCaptions:
@@ -66,6 +67,12 @@ def main() -> None:
     p.add_argument("--tower", default="mobilenet_v2")
     p.add_argument("--pool", default="attention", choices=["attention", "mean"])
     p.add_argument("--text-layers", type=int, default=1, help="MiniLM layers tuned (0 = frozen)")
+    p.add_argument(
+        "--tower-blocks",
+        type=int,
+        default=0,
+        help=f"MobileNetV2 blocks tuned (at most {19 - CUT}; needs the _b{CUT} caches)",
+    )
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.1)
@@ -74,10 +81,14 @@ def main() -> None:
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per pass")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--text-lr-scale", type=float, default=0.1)
+    p.add_argument("--pretrained-lr-scale", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--train-limit", type=int, default=N_TRAIN,
-                   help="train on the first N train images only (quick tower comparisons)")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=N_TRAIN,
+        help="train on the first N train images only (quick tower comparisons)",
+    )
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -89,13 +100,26 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     config = LiteConfig(
-        tower=args.tower, dim=args.dim, pool=args.pool, width=args.width, dropout=args.dropout,
+        tower=args.tower,
+        dim=args.dim,
+        pool=args.pool,
+        width=args.width,
+        dropout=args.dropout,
         text_trainable_layers=args.text_layers,
+        tower_trainable_blocks=args.tower_blocks,
     )
     model = LiteModel(config)
-    maps = [torch.from_numpy(np.load(CACHE / f"{args.tower}.npy"))]
+    suffix = f"_b{CUT}" if args.tower_blocks else ""
+    maps = [torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}.npy"))]
     if args.flip:
-        maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}_flip.npy")))
+        maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_flip.npy")))
+    if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
+        frozen = model.backbone[CUT : model.tower_split]
+        with torch.inference_mode():
+            maps = [
+                torch.cat([frozen(m[i : i + 500].float()).half() for i in range(0, len(m), 500)])
+                for m in maps
+            ]
     dev_grids = maps[0][N_TRAIN:]
     texts = CachedCaptions(6 - args.text_layers)
     n_train = args.train_limit
@@ -104,7 +128,7 @@ def main() -> None:
         caps_of[texts.owner[c]].append(c)
 
     steps = n_train * args.captions_per_image // args.batch
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.text_lr_scale)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.pretrained_lr_scale)
     scheduler = cosine_schedule(optimizer, args.epochs * steps, steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")
@@ -119,8 +143,14 @@ def main() -> None:
             caps = np.array([rng.choice(caps_of[i]) for i in idx])
             losses.append(
                 contrastive_step(
-                    model, grid, texts.batch(caps), torch.from_numpy(idx), optimizer, scheduler,
-                    scaler, cpu,
+                    model,
+                    grid,
+                    texts.batch(caps),
+                    torch.from_numpy(idx),
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    cpu,
                 )
             )
         line = f"epoch {epoch + 1} loss {np.mean(losses):.3f} {time.time() - start:.0f}s"
@@ -131,14 +161,23 @@ def main() -> None:
             line += f" i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f}"
         print(line, flush=True)
     seconds = time.time() - start
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "config": asdict(config),
-              "train_seconds": round(seconds), "dev": history[-1], "history": history}
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "config": asdict(config),
+        "train_seconds": round(seconds),
+        "dev": history[-1],
+        "history": history,
+    }
     LOG.parent.mkdir(parents=True, exist_ok=True)
     with LOG.open("a") as f:
         f.write(json.dumps(record) + "\n")
     if args.save:
-        meta = {"trained_on": "Flickr8k train (6000 images, 30000 captions)",
-                "dev": history[-1], "args": record["args"], "train_seconds": round(seconds)}
+        meta = {
+            "trained_on": "Flickr8k train (6000 images, 30000 captions)",
+            "dev": history[-1],
+            "args": record["args"],
+            "train_seconds": round(seconds),
+        }
         save_checkpoint(model, args.save, meta)
         print(f"saved {args.save}")
 

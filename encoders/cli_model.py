@@ -17,15 +17,23 @@ from encoders.registry import load_encoder
 _EXPECTED = (EncoderError, CaptionFileError, ValueError, OSError)
 
 _images = click.option(
-    "--images", "images", required=True, type=click.Path(file_okay=False, path_type=Path),
+    "--images",
+    "images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
     help="Folder holding the captioned photos.",
 )
 _captions = click.option(
-    "--captions", "captions", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    "--captions",
+    "captions",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
     help="Caption file: 'image<TAB>caption' rows (a header line is optional).",
 )
 _split = click.option(
-    "--split", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--split",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Only the images this file lists, one file name per line.",
 )
 _device = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best).")
@@ -39,31 +47,76 @@ def _percent(value: float) -> str:
 @_images
 @_captions
 @_split
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("pixseek-lite-custom.pt"), show_default=True,
-              help="Where the trained checkpoint goes (use it with --model).")
-@click.option("--base", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              default=None, help="Checkpoint to start from (default: the shipped pixseek-lite).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("pixseek-lite-custom.pt"),
+    show_default=True,
+    help="Where the trained checkpoint goes (use it with --model).",
+)
+@click.option(
+    "--base",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Checkpoint to start from (default: the shipped pixseek-lite).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4,
-              show_default=True, help="Learning rate of the heads (MiniLM's layers get a tenth).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=0.1, show_default=True, help="Share of photos held out to measure recall.")
-@click.option("--resume/--restart", default=True, show_default=True,
-              help="Continue an interrupted run writing the same --out.")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5e-4,
+    show_default=True,
+    help="Learning rate of the heads (MiniLM's layers get a tenth).",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of photos held out to measure recall.",
+)
+@click.option(
+    "--resume/--restart",
+    default=True,
+    show_default=True,
+    help="Continue an interrupted run writing the same --out.",
+)
 @_device
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def train_command(images, captions, split, out, base, epochs, batch_size, lr, val_fraction,
-                  resume, device, as_json, quiet) -> None:
+def train_command(
+    images,
+    captions,
+    split,
+    out,
+    base,
+    epochs,
+    batch_size,
+    lr,
+    val_fraction,
+    resume,
+    device,
+    as_json,
+    quiet,
+) -> None:
     """Fine-tune pixseek-lite on captioned photos, keeping the epoch with the best recall."""
     from encoders.train import train
 
     try:
         result = train(
-            images, captions, out, split=split, base=base, epochs=epochs, batch_size=batch_size,
-            lr=lr, val_fraction=val_fraction, resume=resume, device=device, progress=not quiet,
+            images,
+            captions,
+            out,
+            split=split,
+            base=base,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            val_fraction=val_fraction,
+            resume=resume,
+            device=device,
+            progress=not quiet,
         )
     except _EXPECTED as exc:
         raise click.ClickException(str(exc)) from exc
@@ -80,21 +133,48 @@ def train_command(images, captions, split, out, base, epochs, batch_size, lr, va
 @_images
 @_captions
 @_split
-@click.option("--model", "model", default="pixseek-lite", show_default=True,
-              help="A model name (pixseek-lite, vit-b-32, openclip:ARCH@TAG) or a checkpoint "
-              "written by `pixseek train`.")
+@click.option(
+    "--model",
+    "model",
+    default="pixseek-lite",
+    show_default=True,
+    help="A model name (pixseek-lite, vit-b-32, openclip:ARCH@TAG) or a checkpoint "
+    "written by `pixseek train`.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_device
-@click.option("--rerank", is_flag=True,
-              help="Also text->image recall with the captioner reranking the top results.")
-@click.option("--rerank-depth", type=click.IntRange(min=1), default=None,
-              help="How many top results to rerank (default: the search default).")
-@click.option("--captioner", envvar="PIXSEEK_CAPTIONER", default=None,
-              help="Captioner for --rerank (default: the shipped pixseek-captioner).")
+@click.option(
+    "--rerank",
+    is_flag=True,
+    help="Also text->image recall with the captioner reranking the top results.",
+)
+@click.option(
+    "--rerank-depth",
+    type=click.IntRange(min=1),
+    default=None,
+    help="How many top results to rerank (default: the search default).",
+)
+@click.option(
+    "--captioner",
+    envvar="PIXSEEK_CAPTIONER",
+    default=None,
+    help="Captioner for --rerank (default: the shipped pixseek-captioner).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_command(images, captions, split, model, batch_size, device, rerank, rerank_depth,
-                 captioner, as_json, quiet) -> None:
+def eval_command(
+    images,
+    captions,
+    split,
+    model,
+    batch_size,
+    device,
+    rerank,
+    rerank_depth,
+    captioner,
+    as_json,
+    quiet,
+) -> None:
     """Recall@1/5/10 and median rank of text->image and image->text retrieval."""
     from encoders.evaluate import evaluate_encoder
 
@@ -104,8 +184,9 @@ def eval_command(images, captions, split, model, batch_size, device, rerank, rer
         encoder = load_encoder(model, device=device)
         metrics = evaluate_encoder(encoder, pairs, batch_size, progress=not quiet)
         if rerank:
-            reranked = _rerank_recall(encoder, pairs, captioner, rerank_depth, batch_size,
-                                      device, not quiet)
+            reranked = _rerank_recall(
+                encoder, pairs, captioner, rerank_depth, batch_size, device, not quiet
+            )
     except _EXPECTED as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -122,10 +203,12 @@ def eval_command(images, captions, split, model, batch_size, device, rerank, rer
         click.echo(f"{label:12} {_percent(r1)}  {_percent(r5)}  {_percent(r10)}  {med:11g}")
     if rerank:
         r = reranked
-        click.echo(f"{'reranked':12} {_percent(r['t2i_r1'])}  {_percent(r['t2i_r5'])}  "
-                   f"{_percent(r['t2i_r10'])}  (text->image; top {r['depth']} rescored by "
-                   f"{r['captioner']}: {r['similarity']:g} x similarity + {r['caption']:g} x "
-                   "caption log-likelihood)")
+        click.echo(
+            f"{'reranked':12} {_percent(r['t2i_r1'])}  {_percent(r['t2i_r5'])}  "
+            f"{_percent(r['t2i_r10'])}  (text->image; top {r['depth']} rescored by "
+            f"{r['captioner']}: {r['similarity']:g} x similarity + {r['caption']:g} x "
+            "caption log-likelihood)"
+        )
 
 
 def _rerank_recall(encoder, pairs, spec, depth, batch_size, device, progress) -> dict:
@@ -137,5 +220,10 @@ def _rerank_recall(encoder, pairs, spec, depth, batch_size, device, progress) ->
     fusion = FUSION.get((encoder.name, captioner.name), FALLBACK_FUSION)
     depth = depth or DEFAULT_DEPTH
     recall = rerank_recall(encoder, captioner, pairs, fusion, depth, batch_size, progress)
-    return {**recall, "depth": depth, "captioner": captioner.model_id,
-            "similarity": fusion.similarity, "caption": fusion.caption}
+    return {
+        **recall,
+        "depth": depth,
+        "captioner": captioner.model_id,
+        "similarity": fusion.similarity,
+        "caption": fusion.caption,
+    }

@@ -38,6 +38,7 @@ def clip_loss(
     if targets is not None:
         # Duplicate images in one batch: mask the other copies out of the softmax.
         same = targets[:, None] == targets[None, :]
-        logits = logits.masked_fill(same & ~torch.eye(len(logits), dtype=torch.bool,
-                                                      device=logits.device), float("-inf"))
+        logits = logits.masked_fill(
+            same & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device), float("-inf")
+        )
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -40,19 +40,19 @@ STATE_FORMAT = "pixseek-train-state/1"
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.05, text_lr_scale: float = 0.1
+    model: nn.Module, lr: float, weight_decay: float = 0.05, pretrained_lr_scale: float = 0.1
 ) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no decay on norms, biases, positions and temperature.
 
-    Pretrained transformer layers get a smaller learning rate than the fresh heads, so tuning
-    them adapts MiniLM rather than overwriting what it knows.
+    Pretrained layers (MiniLM's, the CNN's) get a smaller learning rate than the fresh heads,
+    so tuning them adapts what they know rather than overwriting it.
     """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim < 2 or name.endswith(("pos", "query")) else weight_decay
-        rate = lr * text_lr_scale if name.startswith("text.bert.") else lr
+        rate = lr * pretrained_lr_scale if name.startswith(("text.bert.", "backbone.")) else lr
         groups.setdefault((rate, decay), []).append(param)
     return torch.optim.AdamW(
         [{"params": p, "lr": r, "weight_decay": d} for (r, d), p in groups.items()]
@@ -102,8 +102,9 @@ def embed_batches(
 ) -> np.ndarray:
     """Unit rows of ``fn(start, stop)`` over ``range(count)`` in batches (eval mode, autocast)."""
     with autocast_for(device):
-        rows = [l2_normalise(fn(i, min(i + batch_size, count)))
-                for i in range(0, count, batch_size)]
+        rows = [
+            l2_normalise(fn(i, min(i + batch_size, count))) for i in range(0, count, batch_size)
+        ]
     return np.concatenate(rows)
 
 
@@ -243,9 +244,7 @@ def train(
         order = list(train_idx)
         rng.seed(seed * 1000 + epoch)
         rng.shuffle(order)
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress
-        )
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress)
         for step in bar:
             batch = order[step * batch_size : (step + 1) * batch_size]
             grid = torch.from_numpy(grids[sorted(batch)]).to(device_)
@@ -265,8 +264,13 @@ def train(
         if best is None or _score(metrics) > _score(RetrievalMetrics(**best["metrics"])):
             best = {"epoch": epoch + 1, "metrics": metrics.to_dict()}
             save_checkpoint(
-                model, out_path, {"trained_on": str(captions_file), "epoch": epoch + 1,
-                                  "validation": metrics.to_dict()}
+                model,
+                out_path,
+                {
+                    "trained_on": str(captions_file),
+                    "epoch": epoch + 1,
+                    "validation": metrics.to_dict(),
+                },
             )
         torch.save(
             {

@@ -133,9 +133,10 @@ def test_broken_files_are_recorded_with_a_reason_not_retried(
 def test_decoding_in_worker_processes_gives_the_same_vectors(
     tmp_path: Path, photos: Path, color_model: str
 ) -> None:
-    with Library.open(tmp_path / "a", model=color_model) as one, Library.open(
-        tmp_path / "b", model=color_model
-    ) as two:
+    with (
+        Library.open(tmp_path / "a", model=color_model) as one,
+        Library.open(tmp_path / "b", model=color_model) as two,
+    ):
         one.index([photos], workers=0)
         two.index([photos], workers=2, batch_size=2)
         a = {Path(r.path).name: r.score for r in one.search("green", k=4)}

@@ -15,7 +15,9 @@ PREAMBLE = f"import os, signal, sys, open_clip\nopen_clip.add_model_config({CONF
 PLAIN = PREAMBLE + "from search.cli import main\nmain()\n"
 # Kills itself with SIGKILL while embedding its 4th batch: three batches are committed and the
 # fourth is in flight, the moment a user's kill -9 would hit.
-KILLER = PREAMBLE + """
+KILLER = (
+    PREAMBLE
+    + """
 from encoders.openclip import OpenClipEncoder
 real = OpenClipEncoder.embed_images
 calls = []
@@ -28,6 +30,7 @@ OpenClipEncoder.embed_images = embed_then_die
 from search.cli import main
 main()
 """
+)
 BATCH = 5
 
 

@@ -25,8 +25,9 @@ def _draw(shape: str, colour: tuple[int, int, int], offset: int) -> Image.Image:
     elif shape == "square":
         draw.rectangle(box, fill=colour)
     else:
-        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
-                     fill=colour)
+        draw.polygon(
+            [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour
+        )
     return image
 
 
@@ -58,8 +59,16 @@ def test_training_improves_recall_and_round_trips(shapes, tmp_path):
 
     out = tmp_path / "tiny.pt"
     result = train_module.train(
-        images, captions, out, epochs=8, batch_size=8, lr=3e-3, val_fraction=0.2,
-        device="cpu", progress=False, config=TINY,
+        images,
+        captions,
+        out,
+        epochs=8,
+        batch_size=8,
+        lr=3e-3,
+        val_fraction=0.2,
+        device="cpu",
+        progress=False,
+        config=TINY,
     )
     assert out.is_file() and not out.with_name("tiny.pt.work").exists()
     assert {"t2i_r1", "i2t_r1", "best_epoch"} <= result.keys()
@@ -85,8 +94,9 @@ def test_interrupted_training_resumes_where_it_stopped(shapes, tmp_path, monkeyp
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "contrastive_step", failing_step)
-    kwargs = dict(epochs=3, batch_size=8, lr=3e-3, val_fraction=0.2, device="cpu",
-                  progress=False, config=TINY)
+    kwargs = dict(
+        epochs=3, batch_size=8, lr=3e-3, val_fraction=0.2, device="cpu", progress=False, config=TINY
+    )
     with pytest.raises(KeyboardInterrupt):
         train_module.train(images, captions, out, **kwargs)
     assert (tmp_path / "resumed.pt.work" / "last.pt").is_file() and out.is_file()
@@ -98,3 +108,31 @@ def test_interrupted_training_resumes_where_it_stopped(shapes, tmp_path, monkeyp
     result = train_module.train(images, captions, out, **kwargs)
     assert len(counted) == 2 * steps  # epochs 2 and 3 again, not epoch 1
     assert result["best_epoch"] >= 1 and out.is_file()
+
+
+def test_tuned_cnn_blocks_learn_and_alone_ship_with_the_checkpoint(tmp_path):
+    config = LiteConfig(text="tiny", dim=16, tower_trainable_blocks=2)
+    model = LiteModel(config)
+    frozen_before = model.backbone[16].conv[0][0].weight.clone()
+    tuned_before = model.backbone[18][0].weight.clone()
+    pixels = torch.randn(4, 3, 96, 96)
+    grid = model.grid(pixels)
+    assert grid.shape[1] == 160 and not grid.requires_grad  # block 16's output, cached in training
+    text = {"input_ids": torch.randint(0, 100, (4, 6)), "attention_mask": torch.ones(4, 6)}
+    optimizer = train_module.build_optimizer(model, lr=1e-2)
+    schedule = train_module.cosine_schedule(optimizer, 1, 1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_module.contrastive_step(
+        model, grid, text, torch.arange(4), optimizer, schedule, scaler, torch.device("cpu")
+    )
+    assert torch.equal(model.backbone[16].conv[0][0].weight, frozen_before)
+    assert not torch.equal(model.backbone[18][0].weight, tuned_before)
+
+    tuned_keys = [k for k in model.checkpoint_state() if k.startswith("backbone.")]
+    assert tuned_keys and all(k.startswith(("backbone.17.", "backbone.18.")) for k in tuned_keys)
+    path = train_module.save_checkpoint(model, tmp_path / "tuned.pt")
+    loaded, _ = train_module.load_model(path)
+    torch.testing.assert_close(
+        loaded.backbone[18][0].weight, model.backbone[18][0].weight.half().float()
+    )
+    torch.testing.assert_close(loaded.backbone[16].conv[0][0].weight, frozen_before)
