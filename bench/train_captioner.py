@@ -169,6 +169,7 @@ def main() -> None:
         return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    settings = vars(args).items()
     best, history, step, start = float("inf"), [], 0, time.time()
     model.train()
     for epoch in range(1, args.epochs + 1):
@@ -212,7 +213,7 @@ def main() -> None:
                     "epoch": epoch,
                     "dev_loss": dev,
                     "history": history,
-                    "args": vars(args) | {"out": str(args.out)},
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in settings},
                     "seconds": round(time.time() - start),
                 },
             )

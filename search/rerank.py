@@ -45,7 +45,7 @@ class Fusion:
 # Chosen on Flickr8k dev (5000 captions, 1000 photos) by bench/bench_rerank.py, per pair of
 # (dual encoder, captioner) names: similarity scales differ between models.
 FUSION: dict[tuple[str, str], Fusion] = {
-    ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.5),
+    ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.3),
 }
 # For a pair nobody tuned (used only when reranking is asked for explicitly).
 FALLBACK_FUSION = FUSION[("pixseek-lite", "pixseek-captioner")]
