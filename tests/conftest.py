@@ -19,6 +19,12 @@ from fakes import COLOR_SPEC, ColorEncoder  # noqa: E402
 TINY_CONFIG = Path(__file__).parent / "model_configs" / "pixseek-tiny-vit.json"
 open_clip.add_model_config(TINY_CONFIG)
 TINY_SPEC = "openclip:pixseek-tiny-vit"
+# Real photos with captions for the few integration tests: PIXSEEK_FLICKR8K, else the shared
+# data folder beside the checkout. Tests that need it skip (and say so) where it is absent.
+FLICKR8K = Path(
+    os.environ.get("PIXSEEK_FLICKR8K")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import FLICKR8K as FLICKR
 from PIL import Image
 
 from encoders.base import EncoderError
@@ -27,7 +28,6 @@ from encoders.lite import build_backbone
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "pixseek-captioner.pt"
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50)}
 CAPTIONS = {"red": "a red square on grey", "blue": "a blue circle on grey", "green": "green grass"}
@@ -152,7 +152,7 @@ def test_unknown_captioner_and_missing_weights_are_clear_errors(tmp_path: Path) 
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not FLICKR.is_dir(), reason="Flickr8k is not beside the repository")
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="Flickr8k not found (set PIXSEEK_FLICKR8K)")
 def test_shipped_captioner_describes_real_photos() -> None:
     assert SHIPPED.is_file(), "data/pixseek-captioner.pt is missing"
     captioner = load_captioner(None, device="cpu")

@@ -1,17 +1,15 @@
 """The shipped pixseek-lite loads offline and behaves as a DualEncoder."""
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FLICKR8K as FLICKR
 from PIL import Image
 
 from encoders.base import EncoderError
 from encoders.lite import DEFAULT_WEIGHTS, LiteEncoder
-
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,7 @@ def test_loading_a_foreign_file_is_a_clear_error(tmp_path):
 def test_captions_find_their_photos(lite):
     """On 50 Flickr8k dev photos the right photo is usually in the top 5 (chance: 10%)."""
     if not FLICKR.is_dir():
-        pytest.skip("Flickr8k not available")
+        pytest.skip("Flickr8k not found (set PIXSEEK_FLICKR8K)")
     from encoders.captions import read_captions
     from encoders.evaluate import evaluate_encoder
 
