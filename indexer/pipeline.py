@@ -167,6 +167,26 @@ def survey(
     return todo, vanished
 
 
+def decode_loader(
+    todo: Sequence[PendingFile],
+    preprocess: Callable,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+) -> DataLoader:
+    """Batches of ``(samples, stacked tensors)`` decoded by worker processes a few batches
+    ahead of the model (pinned for a GPU); the decode-only limit of indexing is its rate."""
+    workers = default_workers() if workers is None else workers
+    return DataLoader(
+        _DecodeDataset(todo, preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def embed_items(
     store: Store,
     encoder: DualEncoder,
@@ -177,15 +197,7 @@ def embed_items(
     progress: bool,
     on_progress: Callable[[int, int], None] | None,
 ) -> None:
-    workers = default_workers() if workers is None else workers
-    loader = DataLoader(
-        _DecodeDataset(todo, encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if workers else None,
-        pin_memory=encoder.device.type == "cuda",
-    )
+    loader = decode_loader(todo, encoder.preprocess, batch_size, workers, encoder.device)
     done = 0
     with tqdm(total=len(todo), desc="Indexing", unit=" img", disable=not progress) as bar:
         for samples, stacked in loader:
