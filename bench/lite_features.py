@@ -19,7 +19,14 @@ import torch
 from PIL import Image
 
 from encoders.captions import read_captions
-from encoders.lite import LiteConfig, TextTower, build_backbone, image_transform, load_tokenizer
+from encoders.lite import (
+    InferenceTower,
+    LiteConfig,
+    TextTower,
+    build_backbone,
+    image_transform,
+    load_tokenizer,
+)
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")
@@ -42,6 +49,7 @@ def cache_images(tower: str, flip: bool, batch: int, rows: slice, blocks: int | 
     backbone = build_backbone(tower)
     if blocks is not None:
         backbone = backbone[:blocks]
+    backbone = InferenceTower(backbone, torch.device("cpu"))  # same maps, about 4x faster
     preprocess = image_transform(LiteConfig(tower=tower))
     first = backbone(preprocess(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
     suffix = f"_b{blocks}" if blocks is not None else ""

