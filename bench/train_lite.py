@@ -114,7 +114,7 @@ def main() -> None:
     if args.flip:
         maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_flip.npy")))
     if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
-        frozen = model.backbone[CUT : model.tower_split]
+        frozen = model.frozen_blocks[CUT:]
         with torch.inference_mode():
             maps = [
                 torch.cat([frozen(m[i : i + 500].float()).half() for i in range(0, len(m), 500)])

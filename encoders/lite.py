@@ -365,11 +365,16 @@ class LiteModel(nn.Module):
             layer.eval()
         return self
 
+    @property
+    def frozen_blocks(self) -> nn.Sequential:
+        """The CNN blocks no training changes (all of them when none is tuned)."""
+        return self.backbone[: self.tower_split]
+
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frozen CNN blocks: normalised pixels -> the map the tuned blocks take (what training
         caches); the last feature map when no block is tuned."""
         with torch.no_grad():
-            return self.backbone[: self.tower_split](pixels)
+            return self.frozen_blocks(pixels)
 
     def encode_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """Tuned CNN blocks (if any), then the head: grid -> unnormalised embedding."""
@@ -492,7 +497,7 @@ class LiteEncoder(DualEncoder):
     def image_grid(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images -> (B, C, h, w) map after the frozen CNN blocks."""
         if self._tower is None:
-            self._tower = InferenceTower(self.model.backbone[: self.model.tower_split], self.device)
+            self._tower = InferenceTower(self.model.frozen_blocks, self.device)
         return self._tower(batch)
 
     @torch.inference_mode()

@@ -26,20 +26,20 @@ from contextlib import asynccontextmanager
 from datetime import date, datetime, time
 from pathlib import Path
 from time import perf_counter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from encoders import EncoderError
 from indexer.decode import DecodeError, decode_file
 
-from .api import Library, LibraryError, SearchResult
+from .api import Library, LibraryError, LibraryInfo, SearchResult
 
 log = logging.getLogger("pixseek.server")
 
@@ -98,16 +98,15 @@ class SearchResponse(BaseModel):
     took_ms: float
 
 
-class InfoResponse(BaseModel):
-    path: str
-    images: int
-    failed: int
-    folders: list[str]
-    model: str | None
-    model_id: str | None
-    index_kind: str | None
-    size_bytes: int
-    failures: list[tuple[str, str]]
+# LibraryInfo's fields, read from the dataclass so the API schema cannot drift from it.
+_LibraryFacts = create_model(
+    "LibraryFacts", **{name: (hint, ...) for name, hint in get_type_hints(LibraryInfo).items()}
+)
+
+
+class InfoResponse(_LibraryFacts):
+    """What ``pixseek info`` shows, plus what the web page needs."""
+
     index_folders: list[str] = Field(description="What POST /api/index (re-)indexes.")
     rerank_available: bool = Field(description="Whether a captioner loaded to rerank with.")
     max_upload_bytes: int
