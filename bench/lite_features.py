@@ -3,6 +3,7 @@
 Writes under /work/cache/feats/ (outside the repo; see README.txt written there):
 
     python bench/lite_features.py images --tower mobilenet_v2 [--flip] [--start N --stop M]
+    python bench/lite_features.py images --blocks 14 --crop K --stop 6000   # augmented view K
     python bench/lite_features.py texts
 
 Image order everywhere is images.txt: the 6000 train.txt names, then the 1000 dev.txt names.
@@ -17,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
 from encoders.captions import read_captions
 from encoders.lite import (
+    TOWERS,
     InferenceTower,
     LiteConfig,
     TextTower,
@@ -38,49 +42,87 @@ def image_names() -> list[str]:
     return names
 
 
-def cache_images(tower: str, flip: bool, batch: int, rows: slice, blocks: int | None) -> None:
+class Photos(Dataset):
+    """Decoded, transformed photos; with ``seed``, one reproducible random view per photo."""
+
+    def __init__(self, names: list[str], preprocess, flip: bool, seed: int | None) -> None:
+        self.names, self.preprocess, self.flip, self.seed = names, preprocess, flip, seed
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.seed is not None:  # the same crop every run, a different one per view
+            torch.manual_seed(self.seed * 1_000_003 + i)
+        pixels = self.preprocess(Image.open(FLICKR / "images" / self.names[i]).convert("RGB"))
+        return pixels.flip(-1) if self.flip else pixels
+
+
+def crop_transform(tower: str) -> transforms.Compose:
+    """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view.
+
+    No colour jitter: captions name colours.
+    """
+    config = LiteConfig(tower=tower)
+    mean, std = TOWERS[tower][:2]
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                config.image_size,
+                scale=(0.4, 1.0),
+                interpolation=transforms.InterpolationMode.BICUBIC,
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def cache_images(
+    tower: str, flip: bool, batch: int, rows: slice, blocks: int | None, crop: int | None
+) -> None:
     """(N, C, h, w) fp16 memmap of the frozen CNN's last map, optionally of mirrored images.
 
     ``rows`` fills part of an existing file (a quick tower comparison needs only some rows).
     ``blocks`` stops MobileNetV2 after its first N feature blocks: the input of the blocks that
-    training fine-tunes (``LiteConfig.tower_trainable_blocks``).
+    training fine-tunes (``LiteConfig.tower_trainable_blocks``). ``crop`` K caches augmented
+    view K (``crop_transform`` seeded by K) instead of the centre crop.
     """
     names = image_names()
     backbone = build_backbone(tower)
     if blocks is not None:
         backbone = backbone[:blocks]
     backbone = InferenceTower(backbone, torch.device("cpu"))  # same maps, about 4x faster
-    preprocess = image_transform(LiteConfig(tower=tower))
-    first = backbone(preprocess(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
+    centre = image_transform(LiteConfig(tower=tower))
+    preprocess = centre if crop is None else crop_transform(tower)
+    first = backbone(centre(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
     suffix = f"_b{blocks}" if blocks is not None else ""
-    out_path = CACHE / f"{tower}{suffix}{'_flip' if flip else ''}.npy"
+    view = "_flip" if flip else f"_crop{crop}" if crop is not None else ""
+    out_path = CACHE / f"{tower}{suffix}{view}.npy"
     if out_path.is_file():
         out = np.load(out_path, mmap_mode="r+")
     else:
         out = np.lib.format.open_memmap(
             out_path, mode="w+", dtype=np.float16, shape=(len(names), *first.shape[1:])
         )
+    first_row, stop_row = rows.indices(len(names))[:2]
+    photos = Photos(names[first_row:stop_row], preprocess, flip, crop)
+    # One worker decodes the next batch while the tower runs on this one.
+    loader = DataLoader(photos, batch_size=batch, num_workers=1)
     start = time.time()
     with torch.inference_mode():
-        for i in range(*rows.indices(len(names))[:2], batch):
-            stop = min(i + batch, rows.indices(len(names))[1])
-            pixels = torch.stack(
-                [
-                    preprocess(Image.open(FLICKR / "images" / n).convert("RGB"))
-                    for n in names[i:stop]
-                ]
-            )
-            if flip:
-                pixels = pixels.flip(-1)
+        for b, pixels in enumerate(loader):
+            i = first_row + b * batch
             out[i : i + len(pixels)] = backbone(pixels).half().numpy()
-            if i % (batch * 50) == 0:
+            if b % 50 == 0:
                 print(f"{out_path.name}: {i}/{len(names)} {time.time() - start:.0f}s", flush=True)
     out.flush()
     print(f"wrote {out_path} {out.shape} in {time.time() - start:.0f}s")
 
 
 def cache_texts(batch: int) -> None:
-    """MiniLM hidden states after layers 4, 5 and 6, packed (tokens, 384) with per-caption offsets.
+    """MiniLM hidden states after layers 3 to 6, packed (tokens, 384) with per-caption offsets.
 
     Training with the last k layers tuned reads ``minilm_lower{6-k}``; k=0 is the frozen model.
     """
@@ -94,7 +136,7 @@ def cache_texts(batch: int) -> None:
             owners.append(index[path.name])
     tokenizer = load_tokenizer()
     bert = TextTower(LiteConfig()).bert.eval()
-    depths = (4, 5, 6)
+    depths = (3, 4, 5, 6)
     chunks: dict[int, list[torch.Tensor]] = {d: [None] * len(captions) for d in depths}
     lengths = [0] * len(captions)
     # Batches of similar length waste little compute on padding.
@@ -123,7 +165,8 @@ def cache_texts(batch: int) -> None:
         np.save(CACHE / f"minilm_lower{d}.npy", torch.cat(chunks[d]).numpy())
     np.save(CACHE / "caption_image.npy", np.array(owners, dtype=np.int32))
     (CACHE / "captions.txt").write_text("\n".join(captions) + "\n")
-    print(f"wrote minilm_lower{{4,5,6}}.npy ({sum(lengths)} tokens) in {time.time() - start:.0f}s")
+    seconds = time.time() - start
+    print(f"wrote minilm_lower{{3,4,5,6}}.npy ({sum(lengths)} tokens) in {seconds:.0f}s")
 
 
 def main() -> None:
@@ -135,12 +178,15 @@ def main() -> None:
     parser.add_argument("--stop", type=int, default=None, help="row after the last one")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--blocks", type=int, help="cache MobileNetV2 after its first N blocks")
+    parser.add_argument("--crop", type=int, help="cache random view K (crop + mirror) instead")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.what == "images":
-        cache_images(args.tower, args.flip, args.batch, slice(args.start, args.stop), args.blocks)
+        cache_images(
+            args.tower, args.flip, args.batch, slice(args.start, args.stop), args.blocks, args.crop
+        )
     else:
         cache_texts(args.batch * 8)
 

@@ -35,6 +35,7 @@ from encoders.captioner import (
     save_checkpoint,
 )
 from encoders.captions import parse_caption_file
+from encoders.lite import InferenceTower, LiteModel, load_model
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")
@@ -60,6 +61,21 @@ def encode(token_lists: list[list[int]], vocab: list[int], max_tokens: int) -> l
         torch.tensor([BOS, *[lookup.get(t, UNK) for t in tokens[: max_tokens - 2]], EOS])
         for tokens in token_lists
     ]
+
+
+def tower_maps(tower: str, lite: LiteModel | None, view: str) -> np.ndarray:
+    """The cached frozen-tower maps of one view, through ``lite``'s tuned blocks if given."""
+    if lite is None:
+        return np.load(CACHE / f"{tower}{view}.npy")
+    cut = lite.tower_split
+    lower = np.load(CACHE / f"{tower}_b{cut}{view}.npy", mmap_mode="r")
+    top = InferenceTower(lite.backbone[cut:], torch.device("cpu"))
+    return np.concatenate(
+        [
+            top(torch.from_numpy(lower[i : i + 256]).float()).half().numpy()
+            for i in range(0, len(lower), 256)
+        ]
+    )
 
 
 def batches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -120,6 +136,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cuda: an epoch takes seconds there")
     parser.add_argument("--flip", action="store_true", help="mirrored maps for half the captions")
     parser.add_argument("--init", type=Path, help="continue from this captioner checkpoint")
+    parser.add_argument(
+        "--tower-from",
+        type=Path,
+        help="read the map of this pixseek-lite checkpoint's tuned tower (needs the _b14 caches)",
+    )
+    parser.add_argument("--crops", type=int, default=0, help="also train on N random-crop views")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -129,10 +151,11 @@ def main() -> None:
     row_of = {n: i for i, n in enumerate(names)}
     train_names = (FLICKR / "train.txt").read_text().split()
     dev_names = (FLICKR / "dev.txt").read_text().split()
-    feats = np.load(CACHE / f"{args.tower}.npy", mmap_mode="r")
-    grids = np.ascontiguousarray(feats)  # 7000 x 1280 x 7 x 7 fp16, ~0.9 GB in memory
-    if args.flip:  # rows n + 7000 are the mirrored images (a caption's left/right may not hold)
-        grids = np.concatenate([grids, np.load(CACHE / f"{args.tower}_flip.npy")])
+    lite = load_model(args.tower_from) if args.tower_from else None
+    views = [""] + ["_flip"] * args.flip + [f"_crop{k}" for k in range(args.crops)]
+    # Row n + 7000 v is image n seen in view v (centre crop, mirrored, random crops; crops fill
+    # train rows only). 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
+    grids = np.concatenate([tower_maps(args.tower, lite, view) for view in views])
     captions = parse_caption_file(FLICKR / "captions.tsv")
     tokenizer = load_wordpiece()
 
@@ -145,12 +168,19 @@ def main() -> None:
     dev_rows, dev_ids = split(dev_names)
     vocab = build_vocab(train_ids, args.min_count, tokenizer)
     config = CaptionerConfig(
-        tower=args.tower, vocab_size=len(vocab), width=args.width, layers=args.layers, ff=args.ff
+        tower=args.tower,
+        vocab_size=len(vocab),
+        width=args.width,
+        layers=args.layers,
+        ff=args.ff,
+        tower_blocks=lite.config.tower_trainable_blocks if lite else 0,
     )
     train_seqs = encode(train_ids, vocab, config.max_tokens)
     dev_seqs = encode(dev_ids, vocab, config.max_tokens)
     lengths = np.array([len(s) for s in train_seqs])
     model = CaptionDecoder(config)
+    if lite is not None:
+        model.take_tower_blocks(lite)
     if args.init:
         model, init_vocab, _ = load_checkpoint(args.init)
         if init_vocab != vocab:
@@ -174,9 +204,7 @@ def main() -> None:
     model.train()
     for epoch in range(1, args.epochs + 1):
         running = []
-        rows = train_rows
-        if args.flip:
-            rows = train_rows + len(names) * (rng.random(len(train_rows)) < 0.5)
+        rows = train_rows + len(names) * rng.integers(len(views), size=len(train_rows))
         for idx in batches(lengths, args.batch, rng):
             loss = loss_of(model, grids, rows, train_seqs, idx)
             optimizer.zero_grad(set_to_none=True)

@@ -77,6 +77,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--flip", action="store_true", help="train on mirrored maps half the time")
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=0,
+        help="also train on N random-crop views (lite_features.py images --crop K; train rows)",
+    )
     p.add_argument("--epochs", type=int, default=10, help="passes over the 6000 train images")
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per pass")
     p.add_argument("--batch", type=int, default=256)
@@ -113,6 +119,8 @@ def main() -> None:
     maps = [torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}.npy"))]
     if args.flip:
         maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_flip.npy")))
+    for k in range(args.crops):  # only train rows are filled; dev always reads the centre crop
+        maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_crop{k}.npy")))
     if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
         frozen = model.frozen_blocks[CUT:]
         with torch.inference_mode():

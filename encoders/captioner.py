@@ -2,7 +2,7 @@
 how well a query describes a candidate photo (the reranker's second opinion).
 
 Two backends share one interface (:class:`Captioner`): the shipped pixseek captioner, a small
-Transformer decoder cross-attending to pixseek-lite's frozen CNN grid (works offline; weights in
+Transformer decoder cross-attending to pixseek-lite's CNN grid (works offline; weights in
 ``data/pixseek-captioner.pt``), and OpenCLIP CoCa (:mod:`encoders.coca`) where it can download.
 """
 
@@ -20,7 +20,16 @@ from PIL import Image
 from torch import nn
 
 from .base import EncoderError, autocast_for, fingerprint_state, pick_device, read_checkpoint
-from .lite import DATA_DIR, TOWERS, InferenceTower, LiteConfig, build_backbone, image_transform
+from .lite import (
+    DATA_DIR,
+    SEQUENTIAL_TOWERS,
+    TOWERS,
+    InferenceTower,
+    LiteConfig,
+    LiteModel,
+    build_backbone,
+    image_transform,
+)
 
 DEFAULT_CAPTIONER = "pixseek-captioner"
 DEFAULT_WEIGHTS = DATA_DIR / "pixseek-captioner.pt"
@@ -163,10 +172,13 @@ class CaptionerConfig:
     max_tokens: int = 32
     grid_tokens: int = 49  # 7 x 7 at 224 px
     image_size: int = 224
+    tower_blocks: int = 0  # the CNN's last blocks as a pixseek-lite tuned them, carried here
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
             raise EncoderError(f"unknown image tower {self.tower!r}; known: {', '.join(TOWERS)}")
+        if self.tower_blocks and self.tower not in SEQUENTIAL_TOWERS:
+            raise EncoderError(f"the {self.tower} tower has no blocks to carry")
 
     @classmethod
     def from_dict(cls, values: dict) -> CaptionerConfig:
@@ -177,12 +189,19 @@ class CaptionerConfig:
 class CaptionDecoder(nn.Module):
     """Grid features -> memory tokens; a causal Transformer decoder cross-attends to them.
 
-    The output layer shares the token embedding, which keeps the checkpoint small.
+    The output layer shares the token embedding, which keeps the checkpoint small. With
+    ``config.tower_blocks`` it also carries the CNN's last blocks as pixseek-lite tuned them
+    (:meth:`take_tower_blocks`): the captioner then reads the very map pixseek-lite's head does,
+    and the rest of the tower still loads from its package.
     """
 
     def __init__(self, config: CaptionerConfig) -> None:
         super().__init__()
         self.config = config
+        self.tower_blocks: nn.Sequential | None = None
+        if config.tower_blocks:
+            tower = list(build_backbone(config.tower, pretrained=False))
+            self.tower_blocks = nn.Sequential(*tower[len(tower) - config.tower_blocks :])
         channels = TOWERS[config.tower][2]
         width = config.width
         self.norm_in = nn.LayerNorm(channels)
@@ -201,6 +220,23 @@ class CaptionDecoder(nn.Module):
             norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, config.layers, norm=nn.LayerNorm(width))
+
+    def take_tower_blocks(self, lite: LiteModel) -> None:
+        """Copy the CNN blocks ``lite`` tuned (the decoder must be built for that many)."""
+        tuned = list(lite.backbone[lite.tower_split :])
+        if self.tower_blocks is None or len(tuned) != len(self.tower_blocks):
+            raise EncoderError(
+                f"the captioner carries {self.config.tower_blocks} tower blocks; "
+                f"the dual encoder tuned {len(tuned)}"
+            )
+        self.tower_blocks.load_state_dict(nn.Sequential(*tuned).state_dict())
+
+    def tower(self) -> nn.Sequential:
+        """The whole CNN this decoder reads: package weights, then the carried blocks."""
+        blocks = list(build_backbone(self.config.tower))
+        if self.tower_blocks is not None:
+            blocks[len(blocks) - len(self.tower_blocks) :] = list(self.tower_blocks)
+        return nn.Sequential(*blocks)
 
     def memory(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) CNN map -> (B, h*w, width) memory tokens."""
@@ -225,7 +261,7 @@ def load_wordpiece():
 
 
 class PixseekCaptioner(Captioner):
-    """The shipped captioner: frozen ImageNet CNN (pixseek-lite's tower) + CaptionDecoder.
+    """The shipped captioner: pixseek-lite's CNN tower + CaptionDecoder.
 
     ``vocab[i]`` is the MiniLM WordPiece id of local token i; WordPieces never seen in training
     read as the unknown token, which keeps the output layer a few thousand rows wide.
@@ -266,12 +302,12 @@ class PixseekCaptioner(Captioner):
         return self._model_id
 
     def grid(self, batch: torch.Tensor) -> torch.Tensor:
-        """The frozen ImageNet CNN's last map (pixseek-lite's ``image_grid`` when it tunes no
-        CNN block), computed by the fast inference copy of the tower."""
+        """The CNN's last map (with the blocks the decoder carries), computed by the fast
+        inference copy of the tower."""
         if self._tower is None:
             with torch.random.fork_rng():  # seeded: the random test tower is the same each time
                 torch.manual_seed(0)
-                self._tower = InferenceTower(build_backbone(self.config.tower), self.device)
+                self._tower = InferenceTower(self.model.tower(), self.device)
         return self._tower(batch)
 
     @torch.inference_mode()
@@ -296,7 +332,8 @@ class PixseekCaptioner(Captioner):
 def save_checkpoint(
     model: CaptionDecoder, vocab: Sequence[int], path: str | Path, meta: dict | None = None
 ) -> Path:
-    """Write the decoder (fp16) with its vocabulary; the CNN tower comes from its package."""
+    """Write the decoder (fp16) with its vocabulary and carried tower blocks; the rest of the
+    CNN tower comes from its package."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {

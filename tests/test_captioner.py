@@ -24,7 +24,7 @@ from encoders.captioner import (
     save_checkpoint,
 )
 from encoders.coca import CocaCaptioner
-from encoders.lite import build_backbone
+from encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
@@ -139,6 +139,31 @@ def test_checkpoint_round_trip_keeps_scores(trained: PixseekCaptioner, tmp_path:
     expected = trained.score(memory, CAPTIONS["red"])
     np.testing.assert_allclose(loaded.score(memory, CAPTIONS["red"]), expected, atol=2e-3)  # fp16
     assert loaded.caption_images([solid("blue")]) == [CAPTIONS["blue"]]
+
+
+def test_captioner_reads_the_map_of_the_dual_encoders_tuned_tower(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the tiny tower's random lower blocks: the same ones grid() builds
+    lite = LiteModel(LiteConfig(tower="tiny", text="tiny", dim=8, tower_trainable_blocks=3))
+    with torch.no_grad():  # as if training had tuned the last conv + batch norm + ReLU
+        for param in lite.backbone[lite.tower_split :].parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    pixels = torch.stack([image_transform(lite.config)(solid(c)) for c in COLOURS])
+    with torch.no_grad():
+        tuned_map = lite.backbone.eval()(pixels)
+    vocab = tiny_captioner(["a red square"]).vocab.tolist()
+    config = CaptionerConfig(
+        tower="tiny", vocab_size=len(vocab), width=32, layers=1, heads=2, ff=64, tower_blocks=3
+    )
+    decoder = CaptionDecoder(config)
+    decoder.take_tower_blocks(lite)
+    captioner = PixseekCaptioner(decoder, vocab, device="cpu")
+    torch.testing.assert_close(captioner.grid(pixels), tuned_map, atol=1e-4, rtol=1e-4)
+    loaded = load_captioner(str(save_checkpoint(decoder, vocab, tmp_path / "cap.pt")), device="cpu")
+    torch.testing.assert_close(loaded.grid(pixels), tuned_map, atol=1e-2, rtol=1e-2)  # fp16 file
+    with pytest.raises(EncoderError, match="carries 2 tower blocks"):
+        CaptionDecoder(
+            CaptionerConfig(tower="tiny", vocab_size=8, tower_blocks=2)
+        ).take_tower_blocks(lite)
 
 
 def test_unknown_captioner_and_missing_weights_are_clear_errors(tmp_path: Path) -> None:
