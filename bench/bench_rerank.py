@@ -82,9 +82,10 @@ def dev(args: argparse.Namespace) -> None:
         caption = np.load(cache)
     else:
         start = time.time()
+        # The cache holds the frozen ImageNet map: the captioner's only if it carries no blocks.
         own = (
             cached_grids(captioner.config.tower, names)
-            if isinstance(captioner, PixseekCaptioner)
+            if isinstance(captioner, PixseekCaptioner) and not captioner.config.tower_blocks
             else None
         )
         if own is not None:

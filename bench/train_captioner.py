@@ -1,19 +1,24 @@
 """Train the shipped captioner (data/pixseek-captioner.pt) on Flickr8k train, from cached features.
 
-The CNN tower is frozen, so its 7x7 maps are computed once (bench/lite_features.py images) and
-only the decoder trains: token-level cross-entropy with teacher forcing. The epoch with the
-lowest dev cross-entropy is kept. Reproducible (seeded). The shipped weights came from the
-defaults, in 38 minutes on one CPU thread of a busy 2-core machine:
+The CNN tower is frozen while the decoder trains, so its 7x7 maps are computed once from the
+caches of bench/lite_features.py (with ``--tower-from``, through the blocks a pixseek-lite
+checkpoint tuned, which the captioner then carries) and only the decoder trains: token-level
+cross-entropy with teacher forcing. The epoch with the lowest dev cross-entropy is kept.
+Reproducible (seeded). The shipped weights came from three runs (data/CAPTIONER_CARD.md), the
+last one:
 
-    python bench/train_captioner.py --out data/pixseek-captioner.pt
+    python bench/train_captioner.py --init RUN2.pt --tower-from data/pixseek-lite.pt \
+        --flip --crops 6 --epochs 4 --lr 5e-4 --threads 2 --out data/pixseek-captioner.pt
 
-One thread on purpose: on a shared 2-core CPU a second thread made each step 2-4x slower.
+One thread by default: on a busy 2-core CPU a second thread made each step 2-4x slower; on a
+quiet one, two threads are faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -35,7 +40,7 @@ from encoders.captioner import (
     save_checkpoint,
 )
 from encoders.captions import parse_caption_file
-from encoders.lite import InferenceTower, LiteModel, load_model
+from encoders.lite import TOWERS, InferenceTower, LiteModel, load_model
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")
@@ -63,19 +68,17 @@ def encode(token_lists: list[list[int]], vocab: list[int], max_tokens: int) -> l
     ]
 
 
-def tower_maps(tower: str, lite: LiteModel | None, view: str) -> np.ndarray:
-    """The cached frozen-tower maps of one view, through ``lite``'s tuned blocks if given."""
+def tower_maps(tower: str, lite: LiteModel | None, view: str, out: np.ndarray) -> None:
+    """Fill ``out`` with the cached frozen-tower maps of one view, through ``lite``'s tuned
+    blocks if given."""
     if lite is None:
-        return np.load(CACHE / f"{tower}{view}.npy")
+        out[:] = np.load(CACHE / f"{tower}{view}.npy", mmap_mode="r")
+        return
     cut = lite.tower_split
     lower = np.load(CACHE / f"{tower}_b{cut}{view}.npy", mmap_mode="r")
     top = InferenceTower(lite.backbone[cut:], torch.device("cpu"))
-    return np.concatenate(
-        [
-            top(torch.from_numpy(lower[i : i + 256]).float()).half().numpy()
-            for i in range(0, len(lower), 256)
-        ]
-    )
+    for i in range(0, len(lower), 256):
+        out[i : i + 256] = top(torch.from_numpy(np.array(lower[i : i + 256])).float()).half()
 
 
 def batches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -151,11 +154,13 @@ def main() -> None:
     row_of = {n: i for i, n in enumerate(names)}
     train_names = (FLICKR / "train.txt").read_text().split()
     dev_names = (FLICKR / "dev.txt").read_text().split()
-    lite = load_model(args.tower_from) if args.tower_from else None
+    lite = load_model(args.tower_from)[0] if args.tower_from else None
     views = [""] + ["_flip"] * args.flip + [f"_crop{k}" for k in range(args.crops)]
     # Row n + 7000 v is image n seen in view v (centre crop, mirrored, random crops; crops fill
     # train rows only). 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
-    grids = np.concatenate([tower_maps(args.tower, lite, view) for view in views])
+    grids = np.empty((len(views) * len(names), TOWERS[args.tower][2], 7, 7), dtype=np.float16)
+    for v, view in enumerate(views):
+        tower_maps(args.tower, lite, view, grids[v * len(names) : (v + 1) * len(names)])
     captions = parse_caption_file(FLICKR / "captions.tsv")
     tokenizer = load_wordpiece()
 
@@ -178,16 +183,20 @@ def main() -> None:
     train_seqs = encode(train_ids, vocab, config.max_tokens)
     dev_seqs = encode(dev_ids, vocab, config.max_tokens)
     lengths = np.array([len(s) for s in train_seqs])
-    model = CaptionDecoder(config)
-    if lite is not None:
-        model.take_tower_blocks(lite)
-    if args.init:
-        model, init_vocab, _ = load_checkpoint(args.init)
+    if args.init:  # its decoder weights (and architecture), read through this run's tower
+        init, init_vocab, _ = load_checkpoint(args.init)
         if init_vocab != vocab:
             raise SystemExit(f"{args.init} was trained with another vocabulary")
-        config = model.config
+        config = dataclasses.replace(init.config, tower_blocks=config.tower_blocks)
+        model = CaptionDecoder(config)
+        decoder_state = {k: v for k, v in init.state_dict().items() if "tower_blocks" not in k}
+        model.load_state_dict(decoder_state, strict=False)
+    else:
+        model = CaptionDecoder(config)
+    if lite is not None:
+        model.take_tower_blocks(lite)
     model = model.to(args.device)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"vocab {len(vocab)}, {params / 1e6:.2f} M parameters, {len(train_seqs)} captions")
 
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch)

@@ -8,6 +8,9 @@ JSON line to /work/cache/logs/variants.jsonl. Examples (the shipped model is the
     python bench/train_lite.py --tower efficientnet_lite0 --pool mean --text-layers 0 --epochs 10
     python bench/lite_features.py images --blocks 14 [--flip]   # caches for --tower-blocks
     python bench/train_lite.py --pool mean --text-layers 1 --tower-blocks 2 --flip --epochs 10
+    python bench/lite_features.py images --blocks 14 --crop K --stop 6000   # K = 0..5
+    python bench/train_lite.py --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 6 \
+        --epochs 16 --lr 3e-3 --eval-every 4 --save data/pixseek-lite.pt
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
