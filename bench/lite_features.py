@@ -122,7 +122,7 @@ def cache_images(
 
 
 def cache_texts(batch: int) -> None:
-    """MiniLM hidden states after layers 3 to 6, packed (tokens, 384) with per-caption offsets.
+    """MiniLM hidden states after layers 2 to 6, packed (tokens, 384) with per-caption offsets.
 
     Training with the last k layers tuned reads ``minilm_lower{6-k}``; k=0 is the frozen model.
     """
@@ -136,7 +136,7 @@ def cache_texts(batch: int) -> None:
             owners.append(index[path.name])
     tokenizer = load_tokenizer()
     bert = TextTower(LiteConfig()).bert.eval()
-    depths = (3, 4, 5, 6)
+    depths = (2, 3, 4, 5, 6)
     chunks: dict[int, list[torch.Tensor]] = {d: [None] * len(captions) for d in depths}
     lengths = [0] * len(captions)
     # Batches of similar length waste little compute on padding.
@@ -166,7 +166,7 @@ def cache_texts(batch: int) -> None:
     np.save(CACHE / "caption_image.npy", np.array(owners, dtype=np.int32))
     (CACHE / "captions.txt").write_text("\n".join(captions) + "\n")
     seconds = time.time() - start
-    print(f"wrote minilm_lower{{3,4,5,6}}.npy ({sum(lengths)} tokens) in {seconds:.0f}s")
+    print(f"wrote minilm_lower{{2,3,4,5,6}}.npy ({sum(lengths)} tokens) in {seconds:.0f}s")
 
 
 def main() -> None:
