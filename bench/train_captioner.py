@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="Stop early (timing runs).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda: an epoch takes seconds there")
-    parser.add_argument("--flip", action="store_true", help="mirrored maps for half the captions")
+    parser.add_argument("--flip", action="store_true", help="also train on the mirrored view")
     parser.add_argument("--init", type=Path, help="continue from this captioner checkpoint")
     parser.add_argument(
         "--tower-from",
@@ -190,7 +190,9 @@ def main() -> None:
         config = dataclasses.replace(init.config, tower_blocks=config.tower_blocks)
         model = CaptionDecoder(config)
         decoder_state = {k: v for k, v in init.state_dict().items() if "tower_blocks" not in k}
-        model.load_state_dict(decoder_state, strict=False)
+        missing, unexpected = model.load_state_dict(decoder_state, strict=False)
+        if unexpected or any("tower_blocks" not in k for k in missing):
+            raise SystemExit(f"{args.init} does not match this decoder: {missing + unexpected}")
     else:
         model = CaptionDecoder(config)
     if lite is not None:
