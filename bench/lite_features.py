@@ -23,7 +23,6 @@ from torchvision import transforms
 
 from encoders.captions import read_captions
 from encoders.lite import (
-    TOWERS,
     InferenceTower,
     LiteConfig,
     TextTower,
@@ -59,12 +58,11 @@ class Photos(Dataset):
 
 
 def crop_transform(tower: str) -> transforms.Compose:
-    """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view.
-
-    No colour jitter: captions name colours.
+    """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view, then
+    the tower's own tensor conversion and normalisation. No colour jitter: captions name colours.
     """
     config = LiteConfig(tower=tower)
-    mean, std = TOWERS[tower][:2]
+    _, _, *to_tensor_and_normalise = image_transform(config).transforms  # after resize + crop
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
@@ -73,10 +71,20 @@ def crop_transform(tower: str) -> transforms.Compose:
                 interpolation=transforms.InterpolationMode.BICUBIC,
             ),
             transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
+            *to_tensor_and_normalise,
         ]
     )
+
+
+def view_suffix(flip: bool = False, crop: int | None = None) -> str:
+    """The cache-file suffix of one view: centre crop "", mirrored "_flip", random crop "_cropK"."""
+    return "_flip" if flip else f"_crop{crop}" if crop is not None else ""
+
+
+def view_suffixes(flip: bool, crops: int) -> list[str]:
+    """The training views' suffixes: the centre crop, the mirror if asked, crops 0..crops-1."""
+    mirrored = [view_suffix(flip=True)] if flip else []
+    return [view_suffix(), *mirrored, *(view_suffix(crop=k) for k in range(crops))]
 
 
 def cache_images(
@@ -98,8 +106,7 @@ def cache_images(
     preprocess = centre if crop is None else crop_transform(tower)
     first = backbone(centre(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
     suffix = f"_b{blocks}" if blocks is not None else ""
-    view = "_flip" if flip else f"_crop{crop}" if crop is not None else ""
-    out_path = CACHE / f"{tower}{suffix}{view}.npy"
+    out_path = CACHE / f"{tower}{suffix}{view_suffix(flip, crop)}.npy"
     if out_path.is_file():
         out = np.load(out_path, mmap_mode="r+")
     else:
@@ -173,12 +180,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["images", "texts"])
     parser.add_argument("--tower", default="mobilenet_v2")
-    parser.add_argument("--flip", action="store_true")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--flip", action="store_true")
     parser.add_argument("--start", type=int, default=0, help="first image row to (re)compute")
     parser.add_argument("--stop", type=int, default=None, help="row after the last one")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--blocks", type=int, help="cache MobileNetV2 after its first N blocks")
-    parser.add_argument("--crop", type=int, help="cache random view K (crop + mirror) instead")
+    view.add_argument("--crop", type=int, help="cache random view K (crop + mirror) instead")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

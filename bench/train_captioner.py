@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lite_features import view_suffixes
 from torch import nn
 
 from encoders.captioner import (
@@ -155,7 +156,7 @@ def main() -> None:
     train_names = (FLICKR / "train.txt").read_text().split()
     dev_names = (FLICKR / "dev.txt").read_text().split()
     lite = load_model(args.tower_from)[0] if args.tower_from else None
-    views = [""] + ["_flip"] * args.flip + [f"_crop{k}" for k in range(args.crops)]
+    views = view_suffixes(args.flip, args.crops)
     # Row n + 7000 v is image n seen in view v (centre crop, mirrored, random crops; crops fill
     # train rows only). 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
     grids = np.empty((len(views) * len(names), TOWERS[args.tower][2], 7, 7), dtype=np.float16)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lite_features import view_suffixes
 
 from encoders.evaluate import retrieval_metrics
 from encoders.lite import LiteConfig, LiteModel, save_checkpoint
@@ -119,11 +120,11 @@ def main() -> None:
     )
     model = LiteModel(config)
     suffix = f"_b{CUT}" if args.tower_blocks else ""
-    maps = [torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}.npy"))]
-    if args.flip:
-        maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_flip.npy")))
-    for k in range(args.crops):  # only train rows are filled; dev always reads the centre crop
-        maps.append(torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}_crop{k}.npy")))
+    # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
+    maps = [
+        torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}{view}.npy"))
+        for view in view_suffixes(args.flip, args.crops)
+    ]
     if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
         frozen = model.frozen_blocks[CUT:]
         with torch.inference_mode():
