@@ -8,9 +8,9 @@ JSON line to /work/cache/logs/variants.jsonl. Examples (the shipped model is the
     python bench/train_lite.py --tower efficientnet_lite0 --pool mean --text-layers 0 --epochs 10
     python bench/lite_features.py images --blocks 14 [--flip]   # caches for --tower-blocks
     python bench/train_lite.py --pool mean --text-layers 1 --tower-blocks 2 --flip --epochs 10
-    python bench/lite_features.py images --blocks 14 --crop K --stop 6000   # K = 0..5
-    python bench/train_lite.py --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 6 \
-        --epochs 16 --lr 3e-3 --eval-every 4 --save data/pixseek-lite.pt
+    python bench/lite_features.py images --blocks 14 --crop K --stop 6000   # K = 0..11
+    python bench/train_lite.py --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 12 \
+        --epochs 20 --lr 3e-3 --eval-every 4 --ema 0.98 0.99 0.995 --save data/pixseek-lite.pt
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lite_features import view_suffixes
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from encoders.evaluate import retrieval_metrics
 from encoders.lite import LiteConfig, LiteModel, save_checkpoint
@@ -34,6 +35,7 @@ from encoders.train import build_optimizer, contrastive_step, cosine_schedule, e
 CACHE = Path("/work/cache/feats")
 LOG = Path("/work/cache/logs/variants.jsonl")
 N_TRAIN = 6000  # images.txt lists the 6000 train images first, then the 1000 dev images
+T2I = ("t2i_r1", "t2i_r5", "t2i_r10")
 CUT = 14  # mobilenet_v2_b14*.npy hold MobileNetV2's map before its block 14
 
 
@@ -99,6 +101,15 @@ def main() -> None:
         default=N_TRAIN,
         help="train on the first N train images only (quick tower comparisons)",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="DECAY",
+        help="also keep exponential moving averages of the weights with these decays; each is "
+        "evaluated beside the raw weights, and --save keeps whichever ends best on dev R@1",
+    )
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +155,9 @@ def main() -> None:
     scheduler = cosine_schedule(optimizer, args.epochs * steps, steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")
+    averages = {
+        f"ema{d:g}": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in args.ema
+    }
     start, history = time.time(), []
     for epoch in range(args.epochs):
         images = np.concatenate([rng.permutation(n_train) for _ in range(args.captions_per_image)])
@@ -165,12 +179,17 @@ def main() -> None:
                     cpu,
                 )
             )
+            for average in averages.values():
+                average.update_parameters(model)
         line = f"epoch {epoch + 1} loss {np.mean(losses):.3f} {time.time() - start:.0f}s"
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             m = dev_metrics(model, dev_grids, texts)
-            history.append({"epoch": epoch + 1, **m})
             line += f" dev t2i {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}"
             line += f" i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f}"
+            for name, average in averages.items():
+                m[name] = dev_metrics(average.module, dev_grids, texts)
+                line += f" {name} t2i " + "/".join(f"{m[name][k]:.1f}" for k in T2I)
+            history.append({"epoch": epoch + 1, **m})
         print(line, flush=True)
     seconds = time.time() - start
     record = {
@@ -184,14 +203,18 @@ def main() -> None:
     with LOG.open("a") as f:
         f.write(json.dumps(record) + "\n")
     if args.save:
+        # The raw weights or one of their averages: whichever ends best on dev text->image R@1.
+        final = {"raw": history[-1], **{n: history[-1][n] for n in averages}}
+        kept = max(final, key=lambda n: final[n]["t2i_r1"])
         meta = {
             "trained_on": "Flickr8k train (6000 images, 30000 captions)",
-            "dev": history[-1],
+            "weights": kept,
+            "dev": {k: v for k, v in final[kept].items() if k not in averages},
             "args": record["args"],
             "train_seconds": round(seconds),
         }
-        save_checkpoint(model, args.save, meta)
-        print(f"saved {args.save}")
+        save_checkpoint(model if kept == "raw" else averages[kept].module, args.save, meta)
+        print(f"saved {args.save} ({kept} weights)")
 
 
 if __name__ == "__main__":
