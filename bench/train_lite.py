@@ -35,7 +35,6 @@ from encoders.train import build_optimizer, contrastive_step, cosine_schedule, e
 CACHE = Path("/work/cache/feats")
 LOG = Path("/work/cache/logs/variants.jsonl")
 N_TRAIN = 6000  # images.txt lists the 6000 train images first, then the 1000 dev images
-T2I = ("t2i_r1", "t2i_r5", "t2i_r10")
 CUT = 14  # mobilenet_v2_b14*.npy hold MobileNetV2's map before its block 14
 
 
@@ -66,6 +65,10 @@ def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions) ->
         lambda a, b: model.encode_text(texts.batch(dev_caps[a:b])), len(dev_caps), 500, cpu
     )
     return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - N_TRAIN).to_dict()
+
+
+def recall(metrics: dict, direction: str) -> str:
+    return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in (1, 5, 10))
 
 
 def main() -> None:
@@ -184,11 +187,10 @@ def main() -> None:
         line = f"epoch {epoch + 1} loss {np.mean(losses):.3f} {time.time() - start:.0f}s"
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             m = dev_metrics(model, dev_grids, texts)
-            line += f" dev t2i {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}"
-            line += f" i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f}"
+            line += f" dev t2i {recall(m, 't2i')} i2t {recall(m, 'i2t')}"
             for name, average in averages.items():
                 m[name] = dev_metrics(average.module, dev_grids, texts)
-                line += f" {name} t2i " + "/".join(f"{m[name][k]:.1f}" for k in T2I)
+                line += f" {name} t2i {recall(m[name], 't2i')}"
             history.append({"epoch": epoch + 1, **m})
         print(line, flush=True)
     seconds = time.time() - start
@@ -204,7 +206,8 @@ def main() -> None:
         f.write(json.dumps(record) + "\n")
     if args.save:
         # The raw weights or one of their averages: whichever ends best on dev text->image R@1.
-        final = {"raw": history[-1], **{n: history[-1][n] for n in averages}}
+        last = history[-1]
+        final = {"raw": last, **{n: {"epoch": last["epoch"], **last[n]} for n in averages}}
         kept = max(final, key=lambda n: final[n]["t2i_r1"])
         meta = {
             "trained_on": "Flickr8k train (6000 images, 30000 captions)",
