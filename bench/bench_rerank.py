@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from encoders.captioner import PixseekCaptioner, load_captioner
+from encoders.captioner import load_captioner
 from encoders.captions import read_captions
-from encoders.evaluate import embed_captions, embed_image_files
+from encoders.evaluate import embed_captions, embed_image_files, recalls
 from encoders.registry import load_encoder
 from search.rerank import Fusion, Reranker, candidate_scores, fuse, reranked_ranks
 
@@ -35,7 +35,6 @@ CACHE = Path("/work/cache/feats")
 SCORES = Path("/work/cache/captioner")
 WEIGHTS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 2.0]
 DEPTHS = [10, 20, 30, 50]
-KS = (1, 5, 10)
 
 
 def cached_grids(tower: str, names: list[str]) -> torch.Tensor | None:
@@ -46,10 +45,6 @@ def cached_grids(tower: str, names: list[str]) -> torch.Tensor | None:
     row = {n: i for i, n in enumerate((CACHE / "images.txt").read_text().split())}
     feats = np.load(path, mmap_mode="r")
     return torch.from_numpy(np.stack([feats[row[n]] for n in names]).astype(np.float32))
-
-
-def recalls(ranks: np.ndarray) -> list[float]:
-    return [100.0 * float(np.mean(ranks <= k)) for k in KS]
 
 
 def dev(args: argparse.Namespace) -> None:
@@ -74,7 +69,7 @@ def dev(args: argparse.Namespace) -> None:
     print(f"embedded dev in {time.time() - start:.0f}s")
 
     key = hashlib.blake2b(
-        f"{encoder.model_id}|{captioner.model_id}|{len(texts)}|{max(DEPTHS)}".encode(),
+        f"{encoder.model_id}|{captioner.model_id}|{len(texts)}|{max(DEPTHS)}|mirror".encode(),
         digest_size=6,
     ).hexdigest()
     cache = SCORES / f"dev_caption_scores_{key}.npy"
@@ -82,19 +77,8 @@ def dev(args: argparse.Namespace) -> None:
         caption = np.load(cache)
     else:
         start = time.time()
-        # The cache holds the frozen ImageNet map: the captioner's only if it carries no blocks.
-        own = (
-            cached_grids(captioner.config.tower, names)
-            if isinstance(captioner, PixseekCaptioner) and not captioner.config.tower_blocks
-            else None
-        )
-        if own is not None:
-            with torch.inference_mode():
-                memory = torch.cat([captioner.model.memory(g) for g in own.split(100)])
-        else:
-            memory = torch.stack(
-                Reranker(captioner).memories([str(p) for p, _ in pairs], strict=True)
-            )
+        # Each photo and its mirror image, as search reranks them.
+        memory = torch.stack(Reranker(captioner).memories([str(p) for p, _ in pairs], strict=True))
         caption = candidate_scores(captioner, memory, texts, cands, progress=True)
         SCORES.mkdir(parents=True, exist_ok=True)
         np.save(cache, caption)

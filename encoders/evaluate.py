@@ -36,8 +36,10 @@ class RetrievalMetrics:
         return asdict(self)
 
 
-def _recalls(ranks: np.ndarray) -> list[float]:
-    return [float(100.0 * np.mean(ranks <= k)) for k in KS]
+def recalls(ranks: np.ndarray) -> list[float]:
+    """Recall@1/5/10 in percent from 1-based ranks, rounded to 4 decimals: floating-point noise
+    (31.840000000000003) would only clutter the JSON that scripts read."""
+    return [round(100.0 * float(np.mean(ranks <= k)), 4) for k in KS]
 
 
 def retrieval_metrics(
@@ -66,9 +68,9 @@ def retrieval_metrics(
     return RetrievalMetrics(
         len(image_emb),
         len(text_emb),
-        *_recalls(t2i_ranks),
+        *recalls(t2i_ranks),
         float(np.median(t2i_ranks)),
-        *_recalls(i2t_ranks),
+        *recalls(i2t_ranks),
         float(np.median(i2t_ranks)),
     )
 

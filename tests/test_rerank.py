@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from fakes import COLOURS, ColorEncoder
 from imagegen import make_corrupt_jpeg, make_photo
+from PIL import Image
 
 import encoders.captioner
 import encoders.cli_model
@@ -120,16 +121,45 @@ def test_image_memories_are_cached_least_recently_used_first(photos: dict[str, s
     red, green, blue = photos["red"], photos["green"], photos["blue"]
     reranker.memories([red, green], strict=True)
     reranker.memories([red, green, red], strict=True)
-    assert fake.encoded == 2
+    assert fake.encoded == 2 * 2  # each photo and its mirror image
     reranker.memories([blue], strict=True)  # evicts green, the least recently used
     reranker.memories([red], strict=True)
-    assert fake.encoded == 3
+    assert fake.encoded == 3 * 2
     reranker.memories([green], strict=True)
-    assert fake.encoded == 4
+    assert fake.encoded == 4 * 2
     stat = os.stat(red)
     os.utime(red, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
     reranker.memories([red], strict=True)
-    assert fake.encoded == 5
+    assert fake.encoded == 5 * 2
+
+
+class LeftHalfCaptioner(ColourCaptioner):
+    """Sees only the left half of a photo, so a photo and its mirror image differ."""
+
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        return super().encode_images(batch[..., : batch.shape[-1] // 2])
+
+
+def test_caption_score_averages_the_photo_and_its_mirror_image(tmp_path: Path) -> None:
+    photo = Image.new("RGB", (64, 48), (255, 0, 0))
+    photo.paste((0, 0, 255), (32, 0, 64, 48))  # red on the left, blue on the right
+    photo.save(tmp_path / "half.png")
+    fake = LeftHalfCaptioner()
+    (memory,) = Reranker(fake).memories([str(tmp_path / "half.png")], strict=True)
+    assert memory.shape[0] == 2
+    red, blue = (fake.score(memory[v : v + 1], "a red photo")[0] for v in (0, 1))
+    assert red > blue  # the photo's left half is red, its mirror image's is blue
+    both = Reranker(fake).caption_scores(["a red photo"], [memory])
+    assert both[0] == pytest.approx((red + blue) / 2)
+    alone = Reranker(fake, mirror=False)
+    (single,) = alone.memories([str(tmp_path / "half.png")], strict=True)
+    assert alone.caption_scores(["a red photo"], [single])[0] == pytest.approx(red)
+    # A text naming a side is scored on the photo alone: the mirror would swap its sides.
+    sided = Reranker(fake).caption_scores(["a red photo left"], [memory])[0]
+    assert sided == pytest.approx(fake.score(memory[:1], "a red photo left")[0])
+    assert alone.caption([str(tmp_path / "half.png")]) == Reranker(fake).caption(
+        [str(tmp_path / "half.png")]
+    )  # captions read the photo as it is, never its mirror image
 
 
 def vector_order(library: Library, text: str, k: int) -> list[int]:
