@@ -1,7 +1,8 @@
 """One indexing run: scan -> decode (worker processes) -> encode (batches) -> store.
 
 Decoding runs in DataLoader worker processes, a few batches ahead of the model, so the model
-never waits on JPEG decoding. Only new and changed files are decoded; content already known
+never waits on JPEG decoding (on a CPU of two cores, in the main process, in turn with the
+model: see ``default_workers``). Only new and changed files are decoded; content already known
 (a moved, renamed or copied file) reuses its stored vector; files that vanished are swept
 from the store at the end. Each batch is committed on its own, so a killed run resumes.
 """
@@ -28,9 +29,15 @@ from .store import NewImage, Store
 MIN_SIDE = 224
 
 
-def default_workers() -> int:
-    """Decoder processes: all cores but one for the model, at least one."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(device: torch.device) -> int:
+    """Decoder processes: all cores but one for the model, at least one; none for a model on a
+    CPU of two cores or fewer. There, a decoder beside the model's two threads slowed the model
+    more than decoding costs: photos decoded in turn with the model indexed 15-35% faster
+    (BENCHMARKS.md)."""
+    cores = os.cpu_count() or 2
+    if device.type == "cpu" and cores <= 2:
+        return 0
+    return max(1, min(8, cores - 1))
 
 
 @dataclass
@@ -175,8 +182,9 @@ def decode_loader(
     device: torch.device,
 ) -> DataLoader:
     """Batches of ``(samples, stacked tensors)`` decoded by worker processes a few batches
-    ahead of the model (pinned for a GPU); the decode-only limit of indexing is its rate."""
-    workers = default_workers() if workers is None else workers
+    ahead of the model (pinned for a GPU), or in this process with ``workers=0``; the
+    decode-only limit of indexing is its rate."""
+    workers = default_workers(device) if workers is None else workers
     return DataLoader(
         _DecodeDataset(todo, preprocess),
         batch_size=batch_size,
@@ -206,7 +214,9 @@ def embed_items(
             fresh = [n for n, (_, meta) in enumerate(good) if meta[3] not in known]
             vectors: dict[int, np.ndarray] = {}
             if fresh:
-                embedded = encoder.embed_images(stacked[fresh])
+                # Copy out only a batch with known content: a needless 19 MB copy per batch.
+                pixels = stacked if len(fresh) == len(stacked) else stacked[fresh]
+                embedded = encoder.embed_images(pixels)
                 vectors = {good[n][0]: embedded[row] for row, n in enumerate(fresh)}
             batch = []
             for i, ok, meta, err in samples:

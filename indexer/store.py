@@ -184,7 +184,9 @@ class Store:
         if not images:
             return
         now = datetime.now()
-        with Session(self.engine) as session, session.begin():
+        # No autoflush: each merge would otherwise flush the row before it, one INSERT at a
+        # time; one flush at commit sends the batch's INSERTs together.
+        with Session(self.engine) as session, session.begin(), session.no_autoflush:
             existing = dict(
                 session.execute(
                     select(ImageRow.path, ImageRow.id).where(

@@ -21,7 +21,9 @@ def test_metrics_match_constructed_ranks():
     # (recalls are rounded to 4 decimals)
     m = retrieval_metrics(images, texts, [0, 1, 2])
     assert (m.t2i_r1, m.t2i_r5, m.t2i_median_rank) == pytest.approx((100 / 3, 100.0, 2.0), abs=1e-4)
-    assert (m.i2t_r1, m.i2t_r10, m.i2t_median_rank) == pytest.approx((200 / 3, 100.0, 1.0), abs=1e-4)
+    assert (m.i2t_r1, m.i2t_r10, m.i2t_median_rank) == pytest.approx(
+        (200 / 3, 100.0, 1.0), abs=1e-4
+    )
     assert m.to_dict()["images"] == 3 and m.to_dict()["texts"] == 3
 
 

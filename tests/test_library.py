@@ -184,3 +184,17 @@ def test_missing_library_and_empty_queries_are_user_errors(library: Library, tmp
         library.similar(tmp_path / "missing.jpg")
     with pytest.raises(LibraryError, match="no such folder"):
         library.index([tmp_path / "missing"])
+
+
+def test_decoding_in_worker_processes_stores_the_same_vectors_as_in_process(
+    tmp_path: Path, photos: Path, color_model: str
+) -> None:
+    stored = []
+    for workers in (0, 2):
+        with Library.open(tmp_path / f"lib{workers}", model=color_model) as lib:
+            assert lib.index([photos], workers=workers).added == 4
+            ids, vectors = next(lib.store.iter_vectors())
+            rows = lib.store.get_rows([int(i) for i in ids])
+            paths = [rows[int(i)].path for i in ids]
+            stored.append(dict(zip(paths, vectors.tolist(), strict=True)))
+    assert stored[0] == stored[1]
