@@ -10,8 +10,9 @@
    a 2-core CPU; draft mode, preprocessing) with no model: the other ceiling (on a GPU, the one
    that binds);
 2. pipeline: ``indexer.pipeline.index_folder`` (what ``Library.index`` runs per folder) on
-   the same files from disk into a fresh store: scan, decode in workers, embed, store; and
-   the share of its wall time spent in the model (the rest is the pipeline's own overhead);
+   the same files from disk into a fresh store: scan, decode (as ``--workers`` says), embed,
+   store; and the share of its wall time spent in the model (the rest is the pipeline's own
+   overhead);
 3. text query latency through ``Library.search`` (text encoding + vector search), p50/p95;
 4. cold ``pixseek search`` wall time in a fresh process (imports, model load, query).
 """
@@ -134,7 +135,9 @@ def main() -> None:
                     store.close()
                 rounds.append((ceiling, report.embedded / report.seconds))
                 shares.append(timed.seconds / report.seconds)
-            library.index([folder], batch_size=args.batch_size, progress=False)
+            library.index(
+                [folder], batch_size=args.batch_size, workers=args.workers, progress=False
+            )
             library.search(QUERIES[0])  # load the index and warm up
             latencies = []
             for _ in range(4):
