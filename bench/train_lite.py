@@ -28,7 +28,7 @@ import torch
 from lite_features import view_suffixes
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from encoders.evaluate import retrieval_metrics
+from encoders.evaluate import KS, retrieval_metrics
 from encoders.lite import LiteConfig, LiteModel, save_checkpoint
 from encoders.train import build_optimizer, contrastive_step, cosine_schedule, embed_batches
 
@@ -68,7 +68,7 @@ def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions) ->
 
 
 def recall(metrics: dict, direction: str) -> str:
-    return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in (1, 5, 10))
+    return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in KS)
 
 
 def main() -> None:

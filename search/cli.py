@@ -282,8 +282,7 @@ def caption(
     from indexer.decode import DecodeError
 
     paths = [os.path.abspath(p.expanduser()) for p in images]
-    # Captions read each photo as it is: its mirror image would only be rescoring's.
-    reranker = Reranker(load_captioner(captioner, device=ctx.obj["device"]), mirror=False)
+    reranker = Reranker(load_captioner(captioner, device=ctx.obj["device"]))
     try:
         texts = reranker.caption(paths, beams)
     except DecodeError as exc:

@@ -10,6 +10,7 @@ few dozen are rescored and fused with the similarity:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -89,17 +90,23 @@ class Reranker:
         self.views = 2 if mirror else 1
         self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
 
-    def _load(self, path: str) -> torch.Tensor:
+    def _load(self, path: str, views: int) -> torch.Tensor:
         """(views, 3, H, W): the photo, then its mirror image when scores average both views."""
         image = decode_file(path, min_side=MIN_SIDE).image
-        views = [image, ImageOps.mirror(image)][: self.views]
-        return torch.stack([self.captioner.preprocess(view) for view in views])
+        return torch.stack(
+            [self.captioner.preprocess(view) for view in [image, ImageOps.mirror(image)][:views]]
+        )
 
-    def memories(self, paths: Sequence[str], *, strict: bool) -> list[torch.Tensor | None]:
+    def memories(
+        self, paths: Sequence[str], *, strict: bool, photo_only: bool = False
+    ) -> list[torch.Tensor | None]:
         """Each photo's memory (views, ...), from the cache or a fresh image pass.
 
+        With ``photo_only`` (captioning), a fresh pass reads the photo alone, not its mirror
+        image, and is not cached: a photo is captioned once, and rescoring needs both views.
         An unreadable photo is None, or raises DecodeError (naming it) when ``strict``.
         """
+        views = 1 if photo_only else self.views
         keys: list[tuple[str, int] | None] = []
         for path in paths:
             try:
@@ -116,7 +123,8 @@ class Reranker:
         missing = list(dict.fromkeys(k for k in keys if k is not None and k not in found))
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             # Decoding threads run ahead while the model encodes the previous batch.
-            loaded = zip(missing, pool.map(self._try_load, [p for p, _ in missing]), strict=True)
+            load = functools.partial(self._try_load, views=views)
+            loaded = zip(missing, pool.map(load, [p for p, _ in missing]), strict=True)
             while chunk := list(itertools.islice(loaded, self.batch_size)):
                 ready = []
                 for key, (tensor, error) in chunk:
@@ -128,15 +136,16 @@ class Reranker:
                     continue
                 pixels = torch.stack([t for _, t in ready])  # (photos, views, 3, H, W)
                 encoded = self.captioner.encode_images(pixels.flatten(0, 1)).cpu()
-                encoded = encoded.unflatten(0, (len(ready), self.views))
+                encoded = encoded.unflatten(0, (len(ready), views))
                 for (key, _), memory in zip(ready, encoded, strict=True):
                     found[key] = memory
-                    self._remember(key, memory)
+                    if not photo_only:
+                        self._remember(key, memory)
         return [found.get(key) if key is not None else None for key in keys]
 
-    def _try_load(self, path: str) -> tuple[torch.Tensor | None, str | None]:
+    def _try_load(self, path: str, views: int) -> tuple[torch.Tensor | None, str | None]:
         try:
-            return self._load(path), None
+            return self._load(path, views), None
         except DecodeError as exc:
             return None, str(exc)
 
@@ -184,7 +193,7 @@ class Reranker:
 
         An unreadable photo raises DecodeError (naming it) when ``strict``, else gets None.
         """
-        memories = self.memories(paths, strict=strict)
+        memories = self.memories(paths, strict=strict, photo_only=True)
         readable = [i for i, m in enumerate(memories) if m is not None]
         out: list[str | None] = [None] * len(paths)
         for start in range(0, len(readable), self.batch_size):

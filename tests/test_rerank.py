@@ -160,6 +160,9 @@ def test_caption_score_averages_the_photo_and_its_mirror_image(tmp_path: Path) -
     assert alone.caption([str(tmp_path / "half.png")]) == Reranker(fake).caption(
         [str(tmp_path / "half.png")]
     )  # captions read the photo as it is, never its mirror image
+    fake.encoded = 0
+    Reranker(fake).caption([str(tmp_path / "half.png")])
+    assert fake.encoded == 1  # so captioning runs the CNN on the photo alone
 
 
 def vector_order(library: Library, text: str, k: int) -> list[int]:
