@@ -75,7 +75,7 @@ class TimedEncoder:
 
 def model_only(library: Library, files: list[str], batch_size: int) -> float:
     """Decoded here, untimed, and dropped on return: the pipeline run after it should not
-    share the machine's memory with 600 float tensors it never reads."""
+    share the machine's memory with 600 tensors it never reads."""
     encoder = library.encoder
     tensors = [encoder.preprocess(decode_file(f).image) for f in files]
     batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]

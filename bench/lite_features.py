@@ -29,6 +29,7 @@ from encoders.lite import (
     build_backbone,
     image_transform,
     load_tokenizer,
+    normalise,
 )
 
 FLICKR = Path("/work/shared/data/flickr8k")
@@ -59,10 +60,10 @@ class Photos(Dataset):
 
 def crop_transform(tower: str) -> transforms.Compose:
     """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view, then
-    the tower's own tensor conversion and normalisation. No colour jitter: captions name colours.
+    the uint8 conversion of image_transform. No colour jitter: captions name colours.
     """
     config = LiteConfig(tower=tower)
-    _, _, *to_tensor_and_normalise = image_transform(config).transforms  # after resize + crop
+    _, _, *to_pixels = image_transform(config).transforms  # after resize + crop
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
@@ -71,7 +72,7 @@ def crop_transform(tower: str) -> transforms.Compose:
                 interpolation=transforms.InterpolationMode.BICUBIC,
             ),
             transforms.RandomHorizontalFlip(),
-            *to_tensor_and_normalise,
+            *to_pixels,
         ]
     )
 
@@ -104,7 +105,9 @@ def cache_images(
     backbone = InferenceTower(backbone, torch.device("cpu"))  # same maps, about 4x faster
     centre = image_transform(LiteConfig(tower=tower))
     preprocess = centre if crop is None else crop_transform(tower)
-    first = backbone(centre(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None])
+    first = backbone(
+        normalise(centre(Image.open(FLICKR / "images" / names[0]).convert("RGB"))[None], tower)
+    )
     suffix = f"_b{blocks}" if blocks is not None else ""
     out_path = CACHE / f"{tower}{suffix}{view_suffix(flip, crop)}.npy"
     if out_path.is_file():
@@ -121,7 +124,7 @@ def cache_images(
     with torch.inference_mode():
         for b, pixels in enumerate(loader):
             i = first_row + b * batch
-            out[i : i + len(pixels)] = backbone(pixels).half().numpy()
+            out[i : i + len(pixels)] = backbone(normalise(pixels, tower)).half().numpy()
             if b % 50 == 0:
                 print(f"{out_path.name}: {i}/{len(names)} {time.time() - start:.0f}s", flush=True)
     out.flush()

@@ -29,6 +29,7 @@ from .lite import (
     LiteModel,
     build_backbone,
     image_transform,
+    normalise,
 )
 
 DEFAULT_CAPTIONER = "pixseek-captioner"
@@ -302,13 +303,13 @@ class PixseekCaptioner(Captioner):
         return self._model_id
 
     def grid(self, batch: torch.Tensor) -> torch.Tensor:
-        """The CNN's last map (with the blocks the decoder carries), computed by the fast
-        inference copy of the tower."""
+        """uint8 pixels -> the CNN's last map (with the blocks the decoder carries), computed by
+        the fast inference copy of the tower."""
         if self._tower is None:
             with torch.random.fork_rng():  # seeded: the random test tower is the same each time
                 torch.manual_seed(0)
                 self._tower = InferenceTower(self.model.tower(), self.device)
-        return self._tower(batch)
+        return self._tower(normalise(batch.to(self.device), self.config.tower))
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:

@@ -217,16 +217,36 @@ class _LiteFeatures(nn.Module):
 
 
 def image_transform(config: LiteConfig) -> transforms.Compose:
-    """Decoded RGB image -> normalised tensor the tower expects (picklable for decode workers)."""
-    mean, std, _ = TOWERS[config.tower]
+    """Decoded RGB image -> (3, H, W) uint8 pixels; picklable for decode workers.
+
+    The tower normalises whole batches (:func:`normalise`, 0.1 ms a photo on a CPU): floats and
+    normalisation photo by photo took 0.5 ms of each photo's decoding, and uint8 batches are a
+    quarter of the bytes to pass between processes or to copy to a GPU.
+    """
     return transforms.Compose(
         [
             transforms.Resize(config.image_size, transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(config.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
+            transforms.PILToTensor(),
         ]
     )
+
+
+def normalise(pixels: torch.Tensor, tower: str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pixels -> the float input ``tower`` was trained on, channels-last.
+
+    Scale and shift in the plain layout, then reorder: broadcasting over channels-last tensors
+    was 2-3 times slower on a CPU.
+    """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(
+            f"the {tower} tower takes uint8 pixels (image_transform), not {pixels.dtype}"
+        )
+    mean, std, _ = TOWERS[tower]
+    std_t = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    scaled = pixels.float().mul_(1 / (255 * std_t)).sub_(mean_t / std_t)
+    return scaled.contiguous(memory_format=torch.channels_last)
 
 
 class ImageHead(nn.Module):
@@ -371,10 +391,10 @@ class LiteModel(nn.Module):
         return self.backbone[: self.tower_split]
 
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen CNN blocks: normalised pixels -> the map the tuned blocks take (what training
+        """Frozen CNN blocks: uint8 pixels -> the map the tuned blocks take (what training
         caches); the last feature map when no block is tuned."""
         with torch.no_grad():
-            return self.frozen_blocks(pixels)
+            return self.frozen_blocks(normalise(pixels, self.config.tower))
 
     def encode_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """Tuned CNN blocks (if any), then the head: grid -> unnormalised embedding."""
@@ -495,10 +515,10 @@ class LiteEncoder(DualEncoder):
         }
 
     def image_grid(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, C, h, w) map after the frozen CNN blocks."""
+        """(B, 3, H, W) uint8 pixels -> (B, C, h, w) map after the frozen CNN blocks."""
         if self._tower is None:
             self._tower = InferenceTower(self.model.frozen_blocks, self.device)
-        return self._tower(batch)
+        return self._tower(normalise(batch.to(self.device), self.config.tower))
 
     @torch.inference_mode()
     def embed_grid(self, grid: torch.Tensor) -> np.ndarray:

@@ -24,7 +24,7 @@ from encoders.captioner import (
     save_checkpoint,
 )
 from encoders.coca import CocaCaptioner
-from encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform
+from encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform, normalise
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
@@ -77,7 +77,7 @@ def trained() -> PixseekCaptioner:
 
 def test_score_matches_a_direct_teacher_forced_forward_pass() -> None:
     captioner = tiny_captioner(["a dog runs on the grass", "a cat"])
-    memory = captioner.encode_images(torch.randn(3, 3, 224, 224))
+    memory = captioner.encode_images(torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8))
     text = "A dog runs on the grass ."
     tokens = captioner.tokenize(clean_caption(text))
     assert tokens[0] == BOS and tokens[-1] == EOS
@@ -93,9 +93,10 @@ def test_captioner_tower_computes_the_dual_encoders_grid() -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         eager = build_backbone("tiny")
-    images = torch.randn(2, 3, 224, 224)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(captioner.grid(images), eager(images), atol=1e-4, rtol=1e-4)
+        expected = eager(normalise(images, "tiny"))
+    torch.testing.assert_close(captioner.grid(images), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_coca_score_matches_its_own_forward_pass() -> None:
@@ -149,7 +150,7 @@ def test_captioner_reads_the_map_of_the_dual_encoders_tuned_tower(tmp_path: Path
             param.add_(torch.randn_like(param) * 0.5)
     pixels = torch.stack([image_transform(lite.config)(solid(c)) for c in COLOURS])
     with torch.no_grad():
-        tuned_map = lite.backbone.eval()(pixels)
+        tuned_map = lite.backbone.eval()(normalise(pixels, "tiny"))
     vocab = tiny_captioner(["a red square"]).vocab.tolist()
     config = CaptionerConfig(
         tower="tiny", vocab_size=len(vocab), width=32, layers=1, heads=2, ff=64, tower_blocks=3

@@ -7,9 +7,17 @@ import pytest
 import torch
 from conftest import FLICKR8K as FLICKR
 from PIL import Image
+from torchvision import transforms
 
 from encoders.base import EncoderError
-from encoders.lite import DEFAULT_WEIGHTS, LiteEncoder
+from encoders.lite import (
+    DEFAULT_WEIGHTS,
+    TOWERS,
+    LiteConfig,
+    LiteEncoder,
+    image_transform,
+    normalise,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,32 @@ def test_one_cnn_pass_serves_grid_and_embedding(lite):
     grid = lite.image_grid(batch)
     assert grid.shape[0] == 2 and grid.ndim == 4  # the map the tuned CNN blocks take
     np.testing.assert_allclose(lite.embed_grid(grid), lite.embed_images(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("tower", ["mobilenet_v2", "efficientnet_lite0"])
+def test_towers_see_the_pixels_torchvision_normalises_photo_by_photo(tower):
+    """Decode workers hand over uint8 pixels; the tower's batch normalisation is the same
+    arithmetic as ToTensor + Normalize on each photo."""
+    photos = [
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (240, 300, 3), np.uint8))
+        for seed in range(3)
+    ]
+    config = LiteConfig(tower=tower)
+    pixels = torch.stack([image_transform(config)(photo) for photo in photos])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 224, 224)
+    mean, std, _ = TOWERS[tower]
+    per_photo = transforms.Compose(
+        [
+            *image_transform(config).transforms[:2],
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    batch = normalise(pixels, tower)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(batch, torch.stack([per_photo(p) for p in photos]))
+    with pytest.raises(TypeError, match="uint8"):
+        normalise(batch, tower)
 
 
 def test_model_id_is_stable_across_loads(lite):

@@ -115,7 +115,7 @@ def test_tuned_cnn_blocks_learn_and_alone_ship_with_the_checkpoint(tmp_path):
     model = LiteModel(config)
     frozen_before = model.backbone[16].conv[0][0].weight.clone()
     tuned_before = model.backbone[18][0].weight.clone()
-    pixels = torch.randn(4, 3, 96, 96)
+    pixels = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8)
     grid = model.grid(pixels)
     assert grid.shape[1] == 160 and not grid.requires_grad  # block 16's output, cached in training
     text = {"input_ids": torch.randint(0, 100, (4, 6)), "attention_mask": torch.ones(4, 6)}
