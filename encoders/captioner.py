@@ -29,7 +29,6 @@ from .lite import (
     LiteModel,
     build_backbone,
     image_transform,
-    normalise,
 )
 
 DEFAULT_CAPTIONER = "pixseek-captioner"
@@ -308,8 +307,8 @@ class PixseekCaptioner(Captioner):
         if self._tower is None:
             with torch.random.fork_rng():  # seeded: the random test tower is the same each time
                 torch.manual_seed(0)
-                self._tower = InferenceTower(self.model.tower(), self.device)
-        return self._tower(normalise(batch.to(self.device), self.config.tower))
+                self._tower = InferenceTower(self.model.tower(), self.device, self.config.tower)
+        return self._tower(batch)
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:

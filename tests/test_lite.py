@@ -13,8 +13,10 @@ from encoders.base import EncoderError
 from encoders.lite import (
     DEFAULT_WEIGHTS,
     TOWERS,
+    InferenceTower,
     LiteConfig,
     LiteEncoder,
+    build_backbone,
     image_transform,
     normalise,
 )
@@ -75,6 +77,19 @@ def test_towers_see_the_pixels_torchvision_normalises_photo_by_photo(tower):
     torch.testing.assert_close(batch, torch.stack([per_photo(p) for p in photos]))
     with pytest.raises(TypeError, match="uint8"):
         normalise(batch, tower)
+
+
+def test_inference_tower_gives_the_eager_map_in_chunks_of_any_size():
+    """Batches are split into chunks of at most CPU_CHUNK (13 -> 5 + 4 + 4), each normalised
+    on its own: the map must not depend on the split."""
+    torch.manual_seed(0)
+    blocks = build_backbone("tiny").eval()
+    pixels = torch.randint(0, 256, (13, 3, 64, 64), dtype=torch.uint8)
+    tower = InferenceTower(blocks, torch.device("cpu"), pixels_of="tiny")
+    with torch.no_grad():
+        expected = blocks(normalise(pixels, "tiny"))
+    torch.testing.assert_close(tower(pixels), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tower(pixels[:1]), expected[:1], atol=1e-4, rtol=1e-4)
 
 
 def test_model_id_is_stable_across_loads(lite):
