@@ -182,8 +182,8 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
 # Images a chunk on a CPU. Small chunks keep activations in cache (MobileNetV2 ran about twice
 # as fast per image in chunks of 8 as in batches of 32), and at 6 its largest activation (96
 # channels at 112 px, 29 MB) stays under glibc's 32 MB mmap ceiling, so malloc reuses it from
-# the heap: at 8 (38.5 MB) it was mmapped and page-faulted afresh for every chunk, 1,600 faults
-# a photo, and the tower ran 15-25% slower.
+# the heap: at 8 (38.5 MB) it was mmapped and page-faulted afresh for every chunk (1,200 faults
+# a photo) in a fresh process, and the tower ran 15-25% slower.
 CPU_CHUNK = 6
 
 
@@ -193,8 +193,8 @@ class InferenceTower:
     Batch norm folded into the convolutions, channels-last tensors and, on a CPU, chunks of at
     most ``CPU_CHUNK`` images: MobileNetV2 on batches of 32 went from 12.3 to 48.7 images/s on
     one thread of a busy 2-core CPU (``bench/tower_speed.py``). Blocks that start at the
-    image take uint8 pixels, normalised for the ``pixels_of`` tower chunk by chunk (buffers
-    a sixth the size of a batch's); others take a map. A copy, so a model being trained keeps
+    image take uint8 pixels, normalised for the ``pixels_of`` tower chunk by chunk, so the
+    float copies stay chunk-sized too; others take a map. A copy, so a model being trained keeps
     its own modules; frozen blocks never change.
     """
 
@@ -236,9 +236,9 @@ class _LiteFeatures(nn.Module):
 def image_transform(config: LiteConfig) -> transforms.Compose:
     """Decoded RGB image -> (3, H, W) uint8 pixels; picklable for decode workers.
 
-    The tower normalises whole batches (:func:`normalise`, 0.1 ms a photo on a CPU): floats and
-    normalisation photo by photo took 0.5 ms of each photo's decoding, and uint8 batches are a
-    quarter of the bytes to pass between processes or to copy to a GPU.
+    The tower normalises them a chunk at a time (:func:`normalise`, under 0.1 ms a photo on a
+    CPU): floats and normalisation photo by photo took 0.5 ms of each photo's decoding, and
+    uint8 batches are a quarter of the bytes to pass between processes or to copy to a GPU.
     """
     return transforms.Compose(
         [
