@@ -227,7 +227,13 @@ class EmbedPool:
         self.model_spec = model_spec
         self.decode_workers = decode_workers
         self._stores: dict[Path, object] = {}  # db path -> its look-up actor
-        actor = ray.remote(_Embedder).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        # Shards are independent, so their order on an actor does not matter. In order, an actor
+        # waits for each sequence number: a queued shard cancelled by an interrupted run could
+        # leave a gap that stalled the next run's shards for 30 s and then failed them
+        # (ActorUnavailableError "Timed out waiting for seq_no", seen on a loaded machine).
+        actor = ray.remote(_Embedder).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, allow_out_of_order_execution=True
+        )
         device = "cuda" if num_gpus else "cpu"
         self.actors = [actor.remote(model_spec, device) for _ in range(workers)]
         try:
