@@ -133,14 +133,18 @@ def test_broken_files_are_recorded_with_a_reason_not_retried(
 def test_decoding_in_worker_processes_gives_the_same_vectors(
     tmp_path: Path, photos: Path, color_model: str
 ) -> None:
-    with (
-        Library.open(tmp_path / "a", model=color_model) as one,
-        Library.open(tmp_path / "b", model=color_model) as two,
-    ):
-        one.index([photos], workers=0)
-        two.index([photos], workers=2, batch_size=2)
-        a = {Path(r.path).name: r.score for r in one.search("green", k=4)}
-        b = {Path(r.path).name: r.score for r in two.search("green", k=4)}
+    """Worker processes and decoding in turn with the model store identical vectors."""
+    stored, scores = [], []
+    for workers, batch_size in ((0, 64), (2, 2)):
+        with Library.open(tmp_path / f"lib{workers}", model=color_model) as lib:
+            assert lib.index([photos], workers=workers, batch_size=batch_size).added == 4
+            ids, vectors = next(lib.store.iter_vectors())
+            rows = lib.store.get_rows([int(i) for i in ids])
+            paths = [rows[int(i)].path for i in ids]
+            stored.append(dict(zip(paths, vectors.tolist(), strict=True)))
+            scores.append({Path(r.path).name: r.score for r in lib.search("green", k=4)})
+    assert stored[0] == stored[1]
+    a, b = scores
     assert a.keys() == b.keys()
     np.testing.assert_allclose([a[n] for n in a], [b[n] for n in a], rtol=1e-6)
 
@@ -184,17 +188,3 @@ def test_missing_library_and_empty_queries_are_user_errors(library: Library, tmp
         library.similar(tmp_path / "missing.jpg")
     with pytest.raises(LibraryError, match="no such folder"):
         library.index([tmp_path / "missing"])
-
-
-def test_decoding_in_worker_processes_stores_the_same_vectors_as_in_process(
-    tmp_path: Path, photos: Path, color_model: str
-) -> None:
-    stored = []
-    for workers in (0, 2):
-        with Library.open(tmp_path / f"lib{workers}", model=color_model) as lib:
-            assert lib.index([photos], workers=workers).added == 4
-            ids, vectors = next(lib.store.iter_vectors())
-            rows = lib.store.get_rows([int(i) for i in ids])
-            paths = [rows[int(i)].path for i in ids]
-            stored.append(dict(zip(paths, vectors.tolist(), strict=True)))
-    assert stored[0] == stored[1]
