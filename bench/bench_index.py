@@ -9,7 +9,7 @@
 1b. decode-only: the indexer's own decode loader (``--workers`` processes, by default none on
    a 2-core CPU; draft mode, preprocessing) with no model: the other ceiling (on a GPU, the one
    that binds);
-2. pipeline: ``indexer.pipeline.index_folder`` (what ``Library.index`` runs per folder) on
+2. pipeline: ``pixseek.indexer.pipeline.index_folder`` (what ``Library.index`` runs per folder) on
    the same files from disk into a fresh store: scan, decode (as ``--workers`` says), embed,
    store; and the share of its wall time spent in the model (the rest is the pipeline's own
    overhead);
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from indexer.decode import decode_file
-from indexer.pipeline import PendingFile, decode_loader, index_folder
-from indexer.scan import scan
-from indexer.store import Store
-from search import Library
+from pixseek.indexer.decode import decode_file
+from pixseek.indexer.pipeline import PendingFile, decode_loader, index_folder
+from pixseek.indexer.scan import scan
+from pixseek.indexer.store import Store
+from pixseek.search import Library
 
 QUERIES = [
     "a dog catching a frisbee",
@@ -96,7 +96,7 @@ def model_only(library: Library, files: list[str], batch_size: int) -> float:
 
 def fresh_index(folder: Path, library: Path, args: argparse.Namespace) -> float:
     """Images/s that ``pixseek index`` reports, run as a new process on a new library."""
-    command = [sys.executable, "-m", "search.cli", "--library", str(library), "index"]
+    command = [sys.executable, "-m", "pixseek", "--library", str(library), "index"]
     command += [str(folder), "--model", args.model, "--batch-size", str(args.batch_size)]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
@@ -162,7 +162,7 @@ def main() -> None:
                     latencies.append((time.perf_counter() - started) * 1000)
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "search.cli", "--library", str(lib_path), "search", QUERIES[0]],
+            [sys.executable, "-m", "pixseek", "--library", str(lib_path), "search", QUERIES[0]],
             check=True,
             capture_output=True,
         )

@@ -36,8 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from clustered import clustered_vectors  # noqa: E402
 
-from indexer.ann import recall_at_k  # noqa: E402
-from indexer.shards import (  # noqa: E402
+from pixseek.indexer.ann import recall_at_k  # noqa: E402
+from pixseek.indexer.shards import (  # noqa: E402
     ShardedIndex,
     build_shards,
     default_factory,
@@ -189,11 +189,11 @@ def bench_ray(args: argparse.Namespace) -> dict:
     import ray
     import torch
 
-    from encoders import load_encoder
-    from indexer.distributed import EmbedPool, index_folder_ray
-    from indexer.pipeline import index_folder
-    from indexer.scan import scan
-    from indexer.store import Store
+    from pixseek.encoders import load_encoder
+    from pixseek.indexer.distributed import EmbedPool, index_folder_ray
+    from pixseek.indexer.pipeline import index_folder
+    from pixseek.indexer.scan import scan
+    from pixseek.indexer.store import Store
 
     torch.set_num_threads(args.threads)
     if args.model_config:  # an architecture open_clip does not ship, e.g. the tests' tiny one

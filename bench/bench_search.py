@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from clustered import clustered_vectors
 
-from indexer.ann import (
+from pixseek.indexer.ann import (
     BLAS_THRESHOLD,
     EXACT_LIMIT,
     FAISS_BLAS_THRESHOLD,

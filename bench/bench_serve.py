@@ -41,8 +41,8 @@ import numpy as np
 from clustered import clustered_vectors
 from PIL import Image, ImageDraw
 
-from indexer.store import NewImage
-from search import Library
+from pixseek.indexer.store import NewImage
+from pixseek.search import Library
 
 QUERIES = [
     "a dog catching a frisbee",
@@ -125,7 +125,7 @@ def free_port() -> int:
 
 def start_server(library_path: Path, port: int, threads: int) -> subprocess.Popen:
     """``pixseek serve`` in a subprocess (the server must not share the clients' GIL)."""
-    command = [sys.executable, "-m", "search.cli", "--library", str(library_path)]
+    command = [sys.executable, "-m", "pixseek", "--library", str(library_path)]
     command += ["serve", "--host", "127.0.0.1", "--port", str(port)]
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}

@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from encoders.captions import read_captions
-from encoders.lite import (
+from pixseek.encoders.captions import read_captions
+from pixseek.encoders.lite import (
     InferenceTower,
     LiteConfig,
     TextTower,

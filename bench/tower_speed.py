@@ -1,7 +1,7 @@
 """Images/s of the frozen CNN towers on pre-decoded tensors (the indexing cost of pixseek-lite).
 
 Towers run interleaved, batch by batch, so load from other processes hits them alike. Each
-tower runs as built (eager) and as ``encoders.lite.InferenceTower`` (batch norm folded,
+tower runs as built (eager) and as ``pixseek.encoders.lite.InferenceTower`` (batch norm folded,
 channels-last, chunks of at most ``CPU_CHUNK`` images on a CPU), which is what indexing and
 reranking use; ``--chunks`` adds the inference tower at other chunk sizes. Page faults per
 image are counted too: a buffer glibc serves from a fresh mmap is faulted in page by page.
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from encoders import lite
-from encoders.lite import InferenceTower, build_backbone
+from pixseek.encoders import lite
+from pixseek.encoders.lite import InferenceTower, build_backbone
 
 
 def chunked(tower: InferenceTower, size: int) -> Callable[[torch.Tensor], torch.Tensor]:

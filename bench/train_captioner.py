@@ -28,7 +28,7 @@ import torch
 from lite_features import view_suffixes
 from torch import nn
 
-from encoders.captioner import (
+from pixseek.encoders.captioner import (
     BOS,
     EOS,
     PAD,
@@ -40,8 +40,8 @@ from encoders.captioner import (
     load_wordpiece,
     save_checkpoint,
 )
-from encoders.captions import parse_caption_file
-from encoders.lite import TOWERS, InferenceTower, LiteModel, load_model
+from pixseek.encoders.captions import parse_caption_file
+from pixseek.encoders.lite import TOWERS, InferenceTower, LiteModel, load_model
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")

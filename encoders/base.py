@@ -6,6 +6,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from PIL import Image
 
 class EncoderError(RuntimeError):
     """A model cannot be loaded or used; the message says what to do about it."""
+
+
+def shipped(name: str) -> Path:
+    """A weights file shipped in the package (``pixseek.data``), in a checkout or installed."""
+    return Path(str(resources.files("pixseek.data").joinpath(name)))
 
 
 def pick_device(device: str | None = None) -> torch.device:

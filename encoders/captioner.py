@@ -19,9 +19,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EncoderError, autocast_for, fingerprint_state, pick_device, read_checkpoint
+from .base import (
+    EncoderError,
+    autocast_for,
+    fingerprint_state,
+    pick_device,
+    read_checkpoint,
+    shipped,
+)
 from .lite import (
-    DATA_DIR,
     SEQUENTIAL_TOWERS,
     TOWERS,
     InferenceTower,
@@ -32,7 +38,7 @@ from .lite import (
 )
 
 DEFAULT_CAPTIONER = "pixseek-captioner"
-DEFAULT_WEIGHTS = DATA_DIR / "pixseek-captioner.pt"
+DEFAULT_WEIGHTS = "pixseek-captioner.pt"
 CHECKPOINT_FORMAT = "pixseek-captioner/1"
 # CoCa presets: open_clip architecture and pretrained tag (downloaded on first use).
 COCA_PRESETS = {
@@ -354,7 +360,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path | None = None) -> tuple[CaptionDecoder, list[int], dict]:
     """(decoder, vocabulary, training metadata) from a captioner checkpoint."""
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    path = Path(path) if path is not None else shipped(DEFAULT_WEIGHTS)
     payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "captioner")
     model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
     try:

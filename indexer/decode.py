@@ -20,7 +20,7 @@ from io import BytesIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from indexer.scan import HEIF_EXTENSIONS, RAW_EXTENSIONS
+from pixseek.indexer.scan import HEIF_EXTENSIONS, RAW_EXTENSIONS
 
 try:
     import pillow_heif

@@ -162,7 +162,7 @@ class _Embedder:
     """A Ray actor holding one model replica (and, on a GPU node, one GPU) for its lifetime."""
 
     def __init__(self, model_spec: str, device: str) -> None:
-        from encoders import load_encoder
+        from pixseek.encoders import load_encoder
 
         self.encoder = load_encoder(model_spec, device=device)
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from encoders import DualEncoder
+from pixseek.encoders import DualEncoder
 
 from .decode import DecodeError, decode_file
 from .scan import FileEntry, scan

@@ -14,19 +14,19 @@ import numpy as np
 from platformdirs import user_data_dir
 from tqdm import tqdm
 
-from encoders import (
+from pixseek.encoders import (
     DualEncoder,
     EncoderError,
     choose_default_model,
     load_encoder,
     normalise_spec,
 )
-from indexer import vectorfile
-from indexer.ann import VectorIndex
-from indexer.decode import DecodeError, decode_bytes, decode_file
-from indexer.distributed import EmbedPool, index_folder_ray
-from indexer.pipeline import IndexReport, index_folder
-from indexer.store import FAILED, OK, Store
+from pixseek.indexer import vectorfile
+from pixseek.indexer.ann import VectorIndex
+from pixseek.indexer.decode import DecodeError, decode_bytes, decode_file
+from pixseek.indexer.distributed import EmbedPool, index_folder_ray
+from pixseek.indexer.pipeline import IndexReport, index_folder
+from pixseek.indexer.store import FAILED, OK, Store
 
 from .query import compose
 from .rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, Fusion, Reranker
@@ -198,7 +198,7 @@ class Library:
         """The captioner that reranks and captions, loaded on first use; None where it cannot
         load (no weights, CoCa offline), the reason kept for an explicit request."""
         if self._reranker is None and self._rerank_error is None:
-            from encoders.captioner import load_captioner
+            from pixseek.encoders.captioner import load_captioner
 
             try:
                 captioner = load_captioner(self.captioner_spec, device=self._device)

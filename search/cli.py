@@ -1,4 +1,4 @@
-"""The ``pixseek`` command: a thin click layer over search.api.
+"""The ``pixseek`` command: a thin click layer over pixseek.search.api.
 
 Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's own).
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from encoders import EncoderError
-from encoders.cli_model import eval_command, train_command
+from pixseek.encoders import EncoderError
+from pixseek.encoders.cli_model import eval_command, train_command
 
 from .api import Library, LibraryError, SearchResult
 from .rerank import DEFAULT_DEPTH, Reranker
@@ -278,8 +278,8 @@ def caption(
     ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
 ) -> None:
     """Describe each of IMAGES in a sentence (no library needed)."""
-    from encoders.captioner import load_captioner
-    from indexer.decode import DecodeError
+    from pixseek.encoders.captioner import load_captioner
+    from pixseek.indexer.decode import DecodeError
 
     paths = [os.path.abspath(p.expanduser()) for p in images]
     reranker = Reranker(load_captioner(captioner, device=ctx.obj["device"]))

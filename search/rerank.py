@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from indexer.decode import DecodeError, decode_file
+from pixseek.indexer.decode import DecodeError, decode_file
 
 if TYPE_CHECKING:  # the captioner module loads torchvision: only when a captioner is used
     from pathlib import Path
 
-    from encoders.base import DualEncoder
-    from encoders.captioner import Captioner
+    from pixseek.encoders.base import DualEncoder
+    from pixseek.encoders.captioner import Captioner
 
 DEFAULT_DEPTH = 30  # with the fusion weights below: deeper gained <= 0.02 R@1 on dev, cost more
 CACHE_SIZE = 512  # photos' memories kept: ~100 KB each (two views) for the pixseek captioner
@@ -271,7 +271,7 @@ def rerank_recall(
 ) -> dict[str, float]:
     """Text->image Recall@1/5/10 (percent) with each caption's top ``depth`` reranked, on
     (image path, captions) pairs as ``encoders.captions.read_captions`` gives them."""
-    from encoders.evaluate import KS, embed_captions, embed_image_files, recalls
+    from pixseek.encoders.evaluate import KS, embed_captions, embed_image_files, recalls
 
     texts = [caption for _, captions in pairs for caption in captions]
     owner = np.array([i for i, (_, captions) in enumerate(pairs) for _ in captions])

@@ -1,4 +1,4 @@
-"""``pixseek serve``: the web page and the HTTP API, a thin FastAPI layer over search.api.
+"""``pixseek serve``: the web page and the HTTP API, a thin FastAPI layer over pixseek.search.api.
 
 Safety: files are served only when the library indexed them and are named by id, never by a
 path from the client; the only client paths accepted (``under``) are checked to lie inside
@@ -36,8 +36,8 @@ from PIL import Image
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from encoders import EncoderError
-from indexer.decode import DecodeError, decode_file
+from pixseek.encoders import EncoderError
+from pixseek.indexer.decode import DecodeError, decode_file
 
 from .api import Library, LibraryError, LibraryInfo, SearchResult
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from encoders.base import DualEncoder
+from pixseek.encoders.base import DualEncoder
 
 COLOR_SPEC = "test:color"
 COLOURS = {

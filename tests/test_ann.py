@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import ann
-from indexer.ann import (
+from pixseek.indexer import ann
+from pixseek.indexer.ann import (
     KINDS,
     FlatIndex,
     IVFIndex,

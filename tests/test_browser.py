@@ -20,8 +20,8 @@ import pytest
 import uvicorn
 from PIL import Image, ImageDraw
 
-from search import Library
-from search.server import create_app
+from pixseek.search import Library
+from pixseek.search.server import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

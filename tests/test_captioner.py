@@ -11,8 +11,8 @@ import torch
 from conftest import FLICKR8K as FLICKR
 from PIL import Image
 
-from encoders.base import EncoderError
-from encoders.captioner import (
+from pixseek.encoders.base import EncoderError, shipped
+from pixseek.encoders.captioner import (
     BOS,
     EOS,
     CaptionDecoder,
@@ -23,12 +23,12 @@ from encoders.captioner import (
     load_wordpiece,
     save_checkpoint,
 )
-from encoders.coca import CocaCaptioner
-from encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform, normalise
+from pixseek.encoders.coca import CocaCaptioner
+from pixseek.encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform, normalise
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
-SHIPPED = Path(__file__).resolve().parents[1] / "data" / "pixseek-captioner.pt"
+SHIPPED = shipped("pixseek-captioner.pt")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50)}
 CAPTIONS = {"red": "a red square on grey", "blue": "a blue circle on grey", "green": "green grass"}
 

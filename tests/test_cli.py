@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from imagegen import make_corrupt_jpeg, make_photo
 
-from search.cli import main
+from pixseek.search.cli import main
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from encoders.contrastive import MAX_LOGIT_SCALE, clip_loss, init_logit_scale
+from pixseek.encoders.contrastive import MAX_LOGIT_SCALE, clip_loss, init_logit_scale
 
 
 def test_matched_pairs_give_the_hand_computed_loss():

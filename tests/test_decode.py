@@ -26,8 +26,8 @@ from imagegen import (
 )
 from PIL import ExifTags, Image
 
-from indexer import decode
-from indexer.decode import DecodedImage, DecodeError, decode_bytes, decode_file
+from pixseek.indexer import decode
+from pixseek.indexer.decode import DecodedImage, DecodeError, decode_bytes, decode_file
 
 WHITE = (255, 255, 255)
 LA_GREY = round(0.299 * ORANGE[0] + 0.587 * ORANGE[1] + 0.114 * ORANGE[2])

@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from conftest import TINY_CONFIG, TINY_SPEC
 from imagegen import make_corrupt_jpeg, make_photo
 
-from encoders import load_encoder
-from indexer import distributed
-from indexer.distributed import EmbedPool, Shard, index_folder_ray, staging_folder
-from indexer.pipeline import index_folder
-from indexer.store import NewImage, Store
-from search.api import Library
-from search.cli import main
+from pixseek.encoders import load_encoder
+from pixseek.indexer import distributed
+from pixseek.indexer.distributed import EmbedPool, Shard, index_folder_ray, staging_folder
+from pixseek.indexer.pipeline import index_folder
+from pixseek.indexer.store import NewImage, Store
+from pixseek.search.api import Library
+from pixseek.search.cli import main
 
 PHOTOS = 11  # plus one broken file: 12 files, 3 shards of 4
 SHARD = 4

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders import EncoderError, choose_default_model, load_encoder, presets
-from encoders import registry as registry_module
-from encoders.base import fingerprint_state
-from encoders.openclip import weights_cached
+from pixseek.encoders import EncoderError, choose_default_model, load_encoder, presets
+from pixseek.encoders import registry as registry_module
+from pixseek.encoders.base import fingerprint_state
+from pixseek.encoders.openclip import weights_cached
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_default_model_is_the_offline_one_when_clip_weights_cannot_be_had() -> N
 
 
 def test_default_model_is_openclip_when_its_weights_are_cached(monkeypatch) -> None:
-    monkeypatch.setattr("encoders.openclip.weights_cached", lambda arch, tag: True)
+    monkeypatch.setattr("pixseek.encoders.openclip.weights_cached", lambda arch, tag: True)
     assert choose_default_model().spec == "vit-b-32"
     assert choose_default_model().notice is None
 

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoders.captions import CaptionFileError, parse_caption_file, read_captions, read_split
-from encoders.evaluate import retrieval_metrics
+from pixseek.encoders.captions import (
+    CaptionFileError,
+    parse_caption_file,
+    read_captions,
+    read_split,
+)
+from pixseek.encoders.evaluate import retrieval_metrics
 
 
 def _unit(rows):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from imagegen import make_corrupt_jpeg, make_photo
 
-from search import Library, LibraryError
+from pixseek.search import Library, LibraryError
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 

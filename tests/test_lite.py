@@ -9,8 +9,8 @@ from conftest import FLICKR8K as FLICKR
 from PIL import Image
 from torchvision import transforms
 
-from encoders.base import EncoderError
-from encoders.lite import (
+from pixseek.encoders.base import EncoderError, shipped
+from pixseek.encoders.lite import (
     DEFAULT_WEIGHTS,
     TOWERS,
     InferenceTower,
@@ -31,8 +31,8 @@ def lite() -> LiteEncoder:
 
 
 def test_shipped_weights_are_small():
-    assert DEFAULT_WEIGHTS.is_file()
-    assert DEFAULT_WEIGHTS.stat().st_size < 25e6
+    assert shipped(DEFAULT_WEIGHTS).is_file()
+    assert shipped(DEFAULT_WEIGHTS).stat().st_size < 25e6
 
 
 def test_embeddings_have_the_right_shape_and_unit_norm(lite):
@@ -118,8 +118,8 @@ def test_captions_find_their_photos(lite):
     """On 50 Flickr8k dev photos the right photo is usually in the top 5 (chance: 10%)."""
     if not FLICKR.is_dir():
         pytest.skip("Flickr8k not found (set PIXSEEK_FLICKR8K)")
-    from encoders.captions import read_captions
-    from encoders.evaluate import evaluate_encoder
+    from pixseek.encoders.captions import read_captions
+    from pixseek.encoders.evaluate import evaluate_encoder
 
     pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")[:50]
     metrics = evaluate_encoder(lite, pairs)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import indexer.pipeline
-from indexer.pipeline import default_workers
+import pixseek.indexer.pipeline
+from pixseek.indexer.pipeline import default_workers
 
 
 @pytest.mark.parametrize(
@@ -16,5 +16,5 @@ from indexer.pipeline import default_workers
 def test_default_decoders_leave_a_two_core_cpu_to_the_model(
     monkeypatch: pytest.MonkeyPatch, cores: int, device: str, expected: int
 ) -> None:
-    monkeypatch.setattr(indexer.pipeline.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(pixseek.indexer.pipeline.os, "cpu_count", lambda: cores)
     assert default_workers(torch.device(device)) == expected

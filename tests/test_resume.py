@@ -12,13 +12,13 @@ from imagegen import make_photo
 
 CONFIG = str(Path(__file__).parent / "model_configs" / "pixseek-tiny-vit.json")
 PREAMBLE = f"import os, signal, sys, open_clip\nopen_clip.add_model_config({CONFIG!r})\n"
-PLAIN = PREAMBLE + "from search.cli import main\nmain()\n"
+PLAIN = PREAMBLE + "from pixseek.search.cli import main\nmain()\n"
 # Kills itself with SIGKILL while embedding its 4th batch: three batches are committed and the
 # fourth is in flight, the moment a user's kill -9 would hit.
 KILLER = (
     PREAMBLE
     + """
-from encoders.openclip import OpenClipEncoder
+from pixseek.encoders.openclip import OpenClipEncoder
 real = OpenClipEncoder.embed_images
 calls = []
 def embed_then_die(self, batch):
@@ -27,7 +27,7 @@ def embed_then_die(self, batch):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, batch)
 OpenClipEncoder.embed_images = embed_then_die
-from search.cli import main
+from pixseek.search.cli import main
 main()
 """
 )

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from imagegen import UNICODE_NAME, make_photo, make_text
 
-from indexer import scan as scan_module
-from indexer.scan import (
+from pixseek.indexer import scan as scan_module
+from pixseek.indexer.scan import (
     BASE_EXTENSIONS,
     HEIF_EXTENSIONS,
     RAW_EXTENSIONS,
@@ -181,7 +181,7 @@ def test_errors_are_logged_when_no_handler_is_given(
 ) -> None:
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
 
-    with caplog.at_level(logging.WARNING, logger="indexer.scan"):
+    with caplog.at_level(logging.WARNING, logger="pixseek.indexer.scan"):
         assert list(scan(tmp_path)) == []
 
     assert "gone.jpg" in caplog.text

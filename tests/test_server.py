@@ -20,9 +20,9 @@ from imagegen import (
 )
 from PIL import Image
 
-from search import Library, LibraryError
-from search.cli import main
-from search.server import TOKEN_COOKIE, create_app, is_loopback
+from pixseek.search import Library, LibraryError
+from pixseek.search.cli import main
+from pixseek.search.server import TOKEN_COOKIE, create_app, is_loopback
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 LOCAL = "http://127.0.0.1"

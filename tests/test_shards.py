@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.ann import recall_at_k
-from indexer.shards import ShardedIndex, build_shards, merge_shards, shard_path, train
+from pixseek.indexer.ann import recall_at_k
+from pixseek.indexer.shards import ShardedIndex, build_shards, merge_shards, shard_path, train
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from clustered import clustered_vectors  # noqa: E402

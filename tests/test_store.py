@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store import FAILED, OK, NewImage, Store
+from pixseek.indexer.store import FAILED, OK, NewImage, Store
 
 DIM = 4
 
