@@ -4,11 +4,20 @@ The database is the source of truth; the FAISS index file is derived from it and
 ``generation`` it was built from, so a stale or missing index is rebuilt rather than trusted.
 Each batch is committed in its own transaction (WAL mode), so a killed run loses at most the
 batch in flight.
+
+The format is versioned (the ``schema`` setting). Opening a library written by an older
+pixseek migrates it in place, in one transaction, so a crash leaves the old format intact;
+one written by a newer pixseek is refused with :class:`NewerLibraryError`.
+
+File paths are stored as the bytes the file system gave (``os.fsencode``), so a name that is
+not valid UTF-8 (old cameras, Windows and Samba shares) is stored and served like any other;
+in Python they are ``str`` with undecodable bytes as surrogate escapes, as ``os`` gives them.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +28,7 @@ from sqlalchemy import (
     ColumnElement,
     LargeBinary,
     String,
+    TypeDecorator,
     create_engine,
     delete,
     event,
@@ -28,10 +38,30 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-SCHEMA_VERSION = "1"
+# 1: pixseek 0.1.0, paths as TEXT (a name that is not valid UTF-8 could not be stored).
+# 2: paths as the file system's bytes.
+SCHEMA_VERSION = 2
 OK = "ok"
 FAILED = "failed"
+
+
+class NewerLibraryError(RuntimeError):
+    """The library was written by a newer pixseek, in a format this one cannot read."""
+
+
+class FsPath(TypeDecorator):
+    """A file path stored as its bytes: any name the file system allows round-trips."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> bytes | None:
+        return None if value is None else os.fsencode(value)
+
+    def process_result_value(self, value: bytes | None, dialect) -> str | None:
+        return None if value is None else os.fsdecode(value)
 
 
 class Base(DeclarativeBase):
@@ -44,7 +74,7 @@ class ImageRow(Base):
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int]
     mtime_ns: Mapped[int]
     fingerprint: Mapped[str | None] = mapped_column(index=True)
@@ -63,7 +93,7 @@ class FolderRow(Base):
 
     __tablename__ = "folders"
 
-    path: Mapped[str] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(FsPath, primary_key=True)
     indexed_at: Mapped[datetime | None]
 
 
@@ -114,6 +144,69 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _stored_version(db_path: Path) -> int | None:
+    """The library format recorded in a database, or None for a new (empty) one."""
+    if not db_path.exists():
+        return None
+    with sqlite3.connect(db_path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        if "settings" not in tables:
+            return None
+        row = db.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
+    return int(row[0]) if row else 1
+
+
+def _ddl(*tables) -> list[str]:
+    """CREATE statements for tables and their indexes, as SQLAlchemy would emit them."""
+    dialect = create_engine("sqlite://").dialect
+    statements = []
+    for table in tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)))
+        statements += [str(CreateIndex(ix).compile(dialect=dialect)) for ix in table.indexes]
+    return statements
+
+
+def _migrate(db_path: Path, version: int) -> None:
+    """Bring an older library to today's format in ONE transaction: a crash at any point
+    leaves the old format, whole, for the next open to migrate again.
+
+    sqlite3's own transaction handling commits before DDL, so the transaction is explicit.
+    """
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("BEGIN IMMEDIATE")
+        if version < 2:  # TEXT paths -> the file system's bytes (UTF-8 for every 0.1.0 path)
+            for name in ("ix_images_fingerprint", "ix_images_taken_at"):
+                db.execute(f"DROP INDEX IF EXISTS {name}")
+            db.execute("ALTER TABLE images RENAME TO images_v1")
+            db.execute("ALTER TABLE folders RENAME TO folders_v1")
+            for statement in _ddl(ImageRow.__table__, FolderRow.__table__):
+                db.execute(statement)
+            columns = [c.name for c in ImageRow.__table__.columns]
+            picked = ", ".join("CAST(path AS BLOB)" if c == "path" else c for c in columns)
+            db.execute(
+                f"INSERT INTO images ({', '.join(columns)}) SELECT {picked} FROM images_v1"
+            )
+            db.execute(
+                "INSERT INTO folders (path, indexed_at) "
+                "SELECT CAST(path AS BLOB), indexed_at FROM folders_v1"
+            )
+            db.execute("DROP TABLE images_v1")
+            db.execute("DROP TABLE folders_v1")
+        db.execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES ('schema', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
 class Store:
     """Typed access to one library database; short sessions, one per unit of work."""
 
@@ -121,10 +214,19 @@ class Store:
         self.db_path = db_path
         self.engine = create_engine(f"sqlite:///{db_path}")
         event.listen(self.engine, "connect", _sqlite_pragmas)
+        version = _stored_version(db_path)
+        if version is not None and version > SCHEMA_VERSION:
+            self.engine.dispose()
+            raise NewerLibraryError(
+                f"{db_path} was written by a newer pixseek (library format {version}; this "
+                f"pixseek reads formats up to {SCHEMA_VERSION}): upgrade pixseek to open it"
+            )
+        if version is not None and version < SCHEMA_VERSION:
+            _migrate(db_path, version)
         Base.metadata.create_all(self.engine)
         with Session(self.engine) as session, session.begin():
             if session.get(SettingRow, "schema") is None:
-                session.add(SettingRow(key="schema", value=SCHEMA_VERSION))
+                session.add(SettingRow(key="schema", value=str(SCHEMA_VERSION)))
                 session.add(SettingRow(key="generation", value="0"))
 
     def close(self) -> None:

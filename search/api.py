@@ -26,7 +26,7 @@ from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError, decode_bytes, decode_file
 from pixseek.indexer.distributed import EmbedPool, index_folder_ray
 from pixseek.indexer.pipeline import IndexReport, index_folder
-from pixseek.indexer.store import FAILED, OK, Store
+from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
 from .query import compose
 from .rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, Fusion, Reranker
@@ -141,7 +141,10 @@ class Library:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise LibraryError(f"cannot create the library at {folder}: {exc}") from exc
-        store = Store(db)
+        try:
+            store = Store(db)
+        except NewerLibraryError as exc:
+            raise LibraryError(str(exc)) from None
         recorded = store.get_setting("model") or None
         wanted = normalise_spec(model) if model else None
         switching = bool(recorded and wanted and wanted != recorded)
