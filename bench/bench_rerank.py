@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pixseek.encoders.captioner import load_captioner
 from pixseek.encoders.captions import read_captions
-from pixseek.encoders.evaluate import embed_captions, embed_image_files, recalls
-from pixseek.encoders.registry import load_encoder
+from pixseek.encoders.registry import load_captioner, load_encoder
 from pixseek.search.rerank import Fusion, Reranker, candidate_scores, fuse, reranked_ranks
+from pixseek.training.evaluate import embed_captions, embed_image_files, recalls
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")

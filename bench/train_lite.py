@@ -28,9 +28,9 @@ import torch
 from lite_features import view_suffixes
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pixseek.encoders.evaluate import KS, retrieval_metrics
 from pixseek.encoders.lite import LiteConfig, LiteModel, save_checkpoint
-from pixseek.encoders.train import build_optimizer, contrastive_step, cosine_schedule, embed_batches
+from pixseek.training.evaluate import KS, retrieval_metrics
+from pixseek.training.train import build_optimizer, contrastive_step, cosine_schedule, embed_batches
 
 CACHE = Path("/work/cache/feats")
 LOG = Path("/work/cache/logs/variants.jsonl")

@@ -37,14 +37,8 @@ from .lite import (
     image_transform,
 )
 
-DEFAULT_CAPTIONER = "pixseek-captioner"
 DEFAULT_WEIGHTS = "pixseek-captioner.pt"
 CHECKPOINT_FORMAT = "pixseek-captioner/1"
-# CoCa presets: open_clip architecture and pretrained tag (downloaded on first use).
-COCA_PRESETS = {
-    "coca-vit-b-32": ("coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"),
-    "coca-vit-l-14": ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"),
-}
 # Local ids of the reduced vocabulary; the kept WordPiece ids follow.
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -273,7 +267,7 @@ class PixseekCaptioner(Captioner):
     read as the unknown token, which keeps the output layer a few thousand rows wide.
     """
 
-    name = DEFAULT_CAPTIONER
+    name = "pixseek-captioner"
 
     def __init__(
         self,
@@ -368,26 +362,3 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[CaptionDecoder, lis
     except RuntimeError as exc:
         raise EncoderError(f"{path} does not match the captioner architecture: {exc}") from exc
     return model.eval(), payload["vocab"], payload.get("meta", {})
-
-
-def load_captioner(spec: str | None = None, *, device: str | None = None) -> Captioner:
-    """A captioner by name: ``pixseek-captioner`` (default, offline), a CoCa preset
-    (``coca-vit-b-32``, ``coca-vit-l-14``), ``coca:ARCH[@TAG]``, or a checkpoint file."""
-    spec = spec or DEFAULT_CAPTIONER
-    if spec == DEFAULT_CAPTIONER:
-        return PixseekCaptioner.load(None, device)
-    if spec in COCA_PRESETS or spec.startswith("coca:"):
-        from .coca import CocaCaptioner
-
-        if spec in COCA_PRESETS:
-            arch, tag = COCA_PRESETS[spec]
-            return CocaCaptioner(arch, tag, device=device, name=spec)
-        arch, _, tag = spec.removeprefix("coca:").partition("@")
-        return CocaCaptioner(arch, tag or None, device=device)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return PixseekCaptioner.load(path, device)
-    names = ", ".join([DEFAULT_CAPTIONER, *COCA_PRESETS])
-    raise EncoderError(
-        f"unknown captioner {spec!r}: use {names}, coca:ARCH[@TAG], or a checkpoint file"
-    )

@@ -1,4 +1,4 @@
-"""Named models and how a model spec string becomes a loaded DualEncoder.
+"""Named models and how a model spec string becomes a loaded DualEncoder or Captioner.
 
 A spec is one of: a preset name from presets.json (``vit-b-32``), ``openclip:ARCH[@TAG|@FILE]``
 for any open_clip architecture (no tag: random weights, for tests and speed benchmarks), or a
@@ -14,12 +14,22 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import DualEncoder, EncoderError
+
+if TYPE_CHECKING:
+    from .captioner import Captioner
 
 DEFAULT_PRESET = "vit-b-32"
 OFFLINE_PRESET = "pixseek-lite"
 HUB_HOST = ("huggingface.co", 443)
+DEFAULT_CAPTIONER = "pixseek-captioner"
+# CoCa presets: open_clip architecture and pretrained tag (downloaded on first use).
+COCA_PRESETS = {
+    "coca-vit-b-32": ("coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"),
+    "coca-vit-l-14": ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"),
+}
 
 
 @cache
@@ -105,4 +115,29 @@ def choose_default_model() -> ModelChoice:
             f"Using the offline model {OFFLINE_PRESET}: the stronger {DEFAULT_PRESET} cannot be "
             f"downloaded now. With a network, re-index with --model {DEFAULT_PRESET} --reindex."
         ),
+    )
+
+
+def load_captioner(spec: str | None = None, *, device: str | None = None) -> Captioner:
+    """A captioner by name: ``pixseek-captioner`` (default, offline), a CoCa preset
+    (``coca-vit-b-32``, ``coca-vit-l-14``), ``coca:ARCH[@TAG]``, or a checkpoint file."""
+    from .captioner import PixseekCaptioner
+
+    spec = spec or DEFAULT_CAPTIONER
+    if spec == DEFAULT_CAPTIONER:
+        return PixseekCaptioner.load(None, device)
+    if spec in COCA_PRESETS or spec.startswith("coca:"):
+        from .coca import CocaCaptioner
+
+        if spec in COCA_PRESETS:
+            arch, tag = COCA_PRESETS[spec]
+            return CocaCaptioner(arch, tag, device=device, name=spec)
+        arch, _, tag = spec.removeprefix("coca:").partition("@")
+        return CocaCaptioner(arch, tag or None, device=device)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return PixseekCaptioner.load(path, device)
+    names = ", ".join([DEFAULT_CAPTIONER, *COCA_PRESETS])
+    raise EncoderError(
+        f"unknown captioner {spec!r}: use {names}, coca:ARCH[@TAG], or a checkpoint file"
     )

@@ -185,9 +185,7 @@ def _migrate(db_path: Path, version: int) -> None:
                 db.execute(statement)
             columns = [c.name for c in ImageRow.__table__.columns]
             picked = ", ".join("CAST(path AS BLOB)" if c == "path" else c for c in columns)
-            db.execute(
-                f"INSERT INTO images ({', '.join(columns)}) SELECT {picked} FROM images_v1"
-            )
+            db.execute(f"INSERT INTO images ({', '.join(columns)}) SELECT {picked} FROM images_v1")
             db.execute(
                 "INSERT INTO folders (path, indexed_at) "
                 "SELECT CAST(path AS BLOB), indexed_at FROM folders_v1"

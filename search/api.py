@@ -201,7 +201,7 @@ class Library:
         """The captioner that reranks and captions, loaded on first use; None where it cannot
         load (no weights, CoCa offline), the reason kept for an explicit request."""
         if self._reranker is None and self._rerank_error is None:
-            from pixseek.encoders.captioner import load_captioner
+            from pixseek.encoders.registry import load_captioner
 
             try:
                 captioner = load_captioner(self.captioner_spec, device=self._device)

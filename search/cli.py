@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -18,12 +19,29 @@ from typing import Any
 import click
 
 from pixseek.encoders import EncoderError
-from pixseek.encoders.cli_model import eval_command, train_command
 
 from .api import Library, LibraryError, SearchResult
 from .rerank import DEFAULT_DEPTH, Reranker
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
+class LazyGroup(click.Group):
+    """Subcommands imported only when run (click's documented pattern): ``pixseek train`` and
+    ``pixseek eval`` live in pixseek.training, which searching and indexing never import."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # command name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, _, attribute = self.lazy[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -53,7 +71,14 @@ def _notice(library: Library) -> None:
         click.echo(library.notice, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "train": "pixseek.training.cli:train_command",
+        "eval": "pixseek.training.cli:eval_command",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--library",
     type=click.Path(file_okay=False, path_type=Path),
@@ -278,7 +303,7 @@ def caption(
     ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
 ) -> None:
     """Describe each of IMAGES in a sentence (no library needed)."""
-    from pixseek.encoders.captioner import load_captioner
+    from pixseek.encoders.registry import load_captioner
     from pixseek.indexer.decode import DecodeError
 
     paths = [os.path.abspath(p.expanduser()) for p in images]
@@ -371,10 +396,6 @@ def serve(
         folders=folders,
         device=ctx.obj["device"],
     )
-
-
-main.add_command(train_command)
-main.add_command(eval_command)
 
 
 if __name__ == "__main__":

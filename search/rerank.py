@@ -27,9 +27,6 @@ from PIL import ImageOps
 from pixseek.indexer.decode import DecodeError, decode_file
 
 if TYPE_CHECKING:  # the captioner module loads torchvision: only when a captioner is used
-    from pathlib import Path
-
-    from pixseek.encoders.base import DualEncoder
     from pixseek.encoders.captioner import Captioner
 
 DEFAULT_DEPTH = 30  # with the fusion weights below: deeper gained <= 0.02 R@1 on dev, cost more
@@ -258,30 +255,3 @@ def reranked_ranks(
     inside = hit.any(1)
     own = np.where(inside, (fused * hit).sum(1), 0.0)
     return np.where(inside, 1 + (fused > own[:, None]).sum(1), plain)
-
-
-def rerank_recall(
-    encoder: DualEncoder,
-    captioner: Captioner,
-    pairs: Sequence[tuple[Path, Sequence[str]]],
-    fusion: Fusion,
-    depth: int = DEFAULT_DEPTH,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Text->image Recall@1/5/10 (percent) with each caption's top ``depth`` reranked, on
-    (image path, captions) pairs as ``encoders.captions.read_captions`` gives them."""
-    from pixseek.encoders.evaluate import KS, embed_captions, embed_image_files, recalls
-
-    texts = [caption for _, captions in pairs for caption in captions]
-    owner = np.array([i for i, (_, captions) in enumerate(pairs) for _ in captions])
-    paths = [p for p, _ in pairs]
-    similarities = (
-        embed_captions(encoder, texts, progress=progress)
-        @ embed_image_files(encoder, paths, batch_size, progress).T
-    )
-    candidates = np.argsort(-similarities, axis=1, kind="stable")[:, :depth]
-    memory = torch.stack(Reranker(captioner).memories([str(p) for p in paths], strict=True))
-    caption = candidate_scores(captioner, memory, texts, candidates, progress)
-    ranks = reranked_ranks(similarities, owner, candidates, caption, fusion, depth)
-    return dict(zip((f"t2i_r{k}" for k in KS), recalls(ranks), strict=True))

@@ -19,12 +19,12 @@ from pixseek.encoders.captioner import (
     CaptionerConfig,
     PixseekCaptioner,
     clean_caption,
-    load_captioner,
     load_wordpiece,
     save_checkpoint,
 )
 from pixseek.encoders.coca import CocaCaptioner
 from pixseek.encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform, normalise
+from pixseek.encoders.registry import load_captioner
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)

@@ -10,7 +10,7 @@ from pixseek.encoders.captions import (
     read_captions,
     read_split,
 )
-from pixseek.encoders.evaluate import retrieval_metrics
+from pixseek.training.evaluate import retrieval_metrics
 
 
 def _unit(rows):

@@ -119,7 +119,7 @@ def test_captions_find_their_photos(lite):
     if not FLICKR.is_dir():
         pytest.skip("Flickr8k not found (set PIXSEEK_FLICKR8K)")
     from pixseek.encoders.captions import read_captions
-    from pixseek.encoders.evaluate import evaluate_encoder
+    from pixseek.training.evaluate import evaluate_encoder
 
     pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")[:50]
     metrics = evaluate_encoder(lite, pairs)

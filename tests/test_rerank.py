@@ -13,13 +13,14 @@ from fakes import COLOURS, ColorEncoder
 from imagegen import make_corrupt_jpeg, make_photo
 from PIL import Image
 
-import pixseek.encoders.captioner
-import pixseek.encoders.cli_model
+import pixseek.encoders.registry
+import pixseek.training.cli
 from pixseek.encoders.base import EncoderError
 from pixseek.encoders.captioner import Captioner
 from pixseek.search import Library, LibraryError
 from pixseek.search.cli import main
-from pixseek.search.rerank import DEFAULT_DEPTH, FUSION, Fusion, Reranker, rerank_recall
+from pixseek.search.rerank import DEFAULT_DEPTH, FUSION, Fusion, Reranker
+from pixseek.training.evaluate import rerank_recall
 
 WORDS = ["<s>", "</s>", "a", "photo", *COLOURS]
 RGB = torch.tensor(list(COLOURS.values()))
@@ -77,9 +78,7 @@ def photos(tmp_path: Path) -> dict[str, str]:
 def captioner(monkeypatch: pytest.MonkeyPatch) -> ColourCaptioner:
     """The fake captioner wherever pixseek loads one, with fusion weights tuned for the fakes."""
     fake = ColourCaptioner()
-    monkeypatch.setattr(
-        pixseek.encoders.captioner, "load_captioner", lambda spec, device=None: fake
-    )
+    monkeypatch.setattr(pixseek.encoders.registry, "load_captioner", lambda spec, device=None: fake)
     monkeypatch.setitem(FUSION, ("color", fake.name), Fusion(similarity=1.0, caption=0.1))
     return fake
 
@@ -204,7 +203,7 @@ def test_no_captioner_means_plain_order_unless_asked(
     def missing(spec, device=None):
         raise EncoderError("no captioner weights at /nowhere/pixseek-captioner.pt")
 
-    monkeypatch.setattr(pixseek.encoders.captioner, "load_captioner", missing)
+    monkeypatch.setattr(pixseek.encoders.registry, "load_captioner", missing)
     monkeypatch.setitem(FUSION, ("color", "pixseek-captioner"), Fusion(1.0, 0.1))
     plain = library.search("a red photo", k=3)
     assert [r.id for r in plain] == vector_order(library, "a red photo", 3)
@@ -277,12 +276,12 @@ def test_rerank_recall_measures_reranked_ranks(photos: dict[str, str]) -> None:
 def test_eval_rerank_reports_reranked_recall(
     photos: dict[str, str], captioner: ColourCaptioner, tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(pixseek.encoders.cli_model, "load_encoder", lambda *_, **__: ColorEncoder())
+    monkeypatch.setattr(pixseek.training.cli, "load_encoder", lambda *_, **__: ColorEncoder())
     rows = ["image\tcaption"] + [f"{Path(p).name}\ta {c} photo" for c, p in photos.items()]
     (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
     folder = str(Path(photos["red"]).parent)
     args = ["--images", folder, "--captions", str(tmp_path / "captions.tsv"), "--rerank", "--json"]
-    result = CliRunner().invoke(pixseek.encoders.cli_model.eval_command, [*args, "-q"])
+    result = CliRunner().invoke(pixseek.training.cli.eval_command, [*args, "-q"])
     assert result.exit_code == 0, result.output
     reranked = json.loads(result.output)["reranked"]
     assert reranked["t2i_r1"] == 100.0

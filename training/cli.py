@@ -101,7 +101,7 @@ def train_command(
     quiet,
 ) -> None:
     """Fine-tune pixseek-lite on captioned photos, keeping the epoch with the best recall."""
-    from pixseek.encoders.train import train
+    from pixseek.training.train import train
 
     try:
         result = train(
@@ -176,7 +176,7 @@ def eval_command(
     quiet,
 ) -> None:
     """Recall@1/5/10 and median rank of text->image and image->text retrieval."""
-    from pixseek.encoders.evaluate import evaluate_encoder
+    from pixseek.training.evaluate import evaluate_encoder
 
     reranked: dict = {}
     try:
@@ -213,8 +213,9 @@ def eval_command(
 
 def _rerank_recall(encoder, pairs, spec, depth, batch_size, device, progress) -> dict:
     """Text->image recall with search's reranking: same captioner, fusion weights and depth."""
-    from pixseek.encoders.captioner import load_captioner
-    from pixseek.search.rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, rerank_recall
+    from pixseek.encoders.registry import load_captioner
+    from pixseek.search.rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION
+    from pixseek.training.evaluate import rerank_recall
 
     captioner = load_captioner(spec, device=device)
     fusion = FUSION.get((encoder.name, captioner.name), FALLBACK_FUSION)

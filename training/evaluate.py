@@ -12,7 +12,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pixseek.encoders.base import DualEncoder
+from pixseek.encoders.captioner import Captioner
 from pixseek.encoders.captions import ImageDataset
+from pixseek.search.rerank import (
+    DEFAULT_DEPTH,
+    Fusion,
+    Reranker,
+    candidate_scores,
+    reranked_ranks,
+)
 
 KS = (1, 5, 10)
 
@@ -120,3 +128,28 @@ def evaluate_encoder(
     image_emb = embed_image_files(encoder, [p for p, _ in pairs], batch_size, progress, workers)
     text_emb = embed_captions(encoder, texts, max(batch_size, 64), progress)
     return retrieval_metrics(image_emb, text_emb, owner)
+
+
+def rerank_recall(
+    encoder: DualEncoder,
+    captioner: Captioner,
+    pairs: Sequence[tuple[Path, Sequence[str]]],
+    fusion: Fusion,
+    depth: int = DEFAULT_DEPTH,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Text->image Recall@1/5/10 (percent) with each caption's top ``depth`` reranked, on
+    (image path, captions) pairs as ``encoders.captions.read_captions`` gives them."""
+    texts = [caption for _, captions in pairs for caption in captions]
+    owner = np.array([i for i, (_, captions) in enumerate(pairs) for _ in captions])
+    paths = [p for p, _ in pairs]
+    similarities = (
+        embed_captions(encoder, texts, progress=progress)
+        @ embed_image_files(encoder, paths, batch_size, progress).T
+    )
+    candidates = np.argsort(-similarities, axis=1, kind="stable")[:, :depth]
+    memory = torch.stack(Reranker(captioner).memories([str(p) for p in paths], strict=True))
+    caption = candidate_scores(captioner, memory, texts, candidates, progress)
+    ranks = reranked_ranks(similarities, owner, candidates, caption, fusion, depth)
+    return dict(zip((f"t2i_r{k}" for k in KS), recalls(ranks), strict=True))
