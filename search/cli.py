@@ -93,6 +93,21 @@ def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
     ctx.obj = {"library": library, "device": device}
 
 
+def _library_after(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.obj["library"] = value
+
+
+# The same --library after a command's name, as users type it: it wins over the one before.
+library_option = click.option(
+    "--library",
+    type=click.Path(file_okay=False, path_type=Path),
+    expose_value=False,
+    callback=_library_after,
+    help="Library folder (same as pixseek --library; this one wins).",
+)
+
+
 def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Refuse a folder where an address belongs: ``--ray ~/Photos`` reads the folder as one."""
     if value is None or value in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.-]+:\d+", value):
@@ -104,6 +119,7 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @main.command()
+@library_option
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=True, path_type=Path))
 @click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
 @click.option("--reindex", is_flag=True, help="Drop all vectors and embed everything again.")
@@ -257,6 +273,7 @@ def _query(
 
 
 @main.command()
+@library_option
 @click.argument("query")
 @click.option(
     "--image",
@@ -277,6 +294,7 @@ def search(
 
 
 @main.command()
+@library_option
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--not", "negative", multiple=True, help="Push away from this (repeatable).")
 @_filters
@@ -321,6 +339,7 @@ def caption(
 
 
 @main.command()
+@library_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 @user_errors
@@ -341,6 +360,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@library_option
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the count as JSON.")
 @click.pass_context
@@ -355,6 +375,7 @@ def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
 
 
 @main.command()
+@library_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -369,12 +390,6 @@ def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A folder the page may index, besides the library's own (repeatable).",
 )
-@click.option(
-    "--library",
-    "library_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Library folder (same as pixseek --library).",
-)
 @click.pass_context
 @user_errors
 def serve(
@@ -383,13 +398,12 @@ def serve(
     port: int,
     token: str | None,
     folders: tuple[Path, ...],
-    library_dir: Path | None,
 ) -> None:
     """Serve the search page and its HTTP API (http://127.0.0.1:8000/; docs at /docs)."""
     from .server import serve as run_server  # FastAPI loads only for this command
 
     run_server(
-        library_dir or ctx.obj["library"],
+        ctx.obj["library"],
         host=host,
         port=port,
         token=token,

@@ -106,3 +106,20 @@ def test_before_a_bare_date_includes_that_whole_day(run, tmp_path: Path, color_m
     found = json.loads(run("search", "x", "--before", "2021-03-04", "--json").output)
     assert [Path(r["path"]).name for r in found] == ["evening.jpg"]
     assert json.loads(run("search", "x", "--before", "2021-03-03", "--json").output) == []
+
+
+def test_library_may_follow_the_command_and_then_wins(tmp_path: Path, color_model: str) -> None:
+    photos = tmp_path / "photos"
+    make_photo(photos / "red.jpg", color=(230, 20, 20))
+    here, other = tmp_path / "here", tmp_path / "other"
+    runner = CliRunner()
+    indexed = runner.invoke(
+        main, ["index", str(photos), "--library", str(here), "-q", "--model", color_model]
+    )
+    assert indexed.exit_code == 0, indexed.output
+    found = runner.invoke(main, ["--library", str(other), "search", "red", "--library", str(here)])
+    assert found.exit_code == 0, found.output
+    assert "red.jpg" in found.output
+    facts = runner.invoke(main, ["info", "--json", "--library", str(here)])
+    assert json.loads(facts.output)["images"] == 1
+    assert not other.exists()
