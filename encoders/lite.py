@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -323,14 +322,13 @@ class TextTower(nn.Module):
         from transformers import BertConfig, BertModel
 
         if config.text == "minilm":
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             if pretrained:
                 with _quiet_transformers():
                     self.bert = BertModel.from_pretrained(
-                        str(minilm_dir()), add_pooling_layer=False
+                        str(minilm_dir()), add_pooling_layer=False, local_files_only=True
                     )
             else:
-                bert_config = BertConfig.from_pretrained(str(minilm_dir()))
+                bert_config = BertConfig.from_pretrained(str(minilm_dir()), local_files_only=True)
                 self.bert = BertModel(bert_config, add_pooling_layer=False)
         else:
             tiny = BertConfig(
@@ -486,8 +484,7 @@ def load_tokenizer():
     """MiniLM's WordPiece tokenizer from the installed package (no hub access)."""
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+    return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
 
 
 class LiteEncoder(DualEncoder):
