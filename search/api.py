@@ -1,4 +1,9 @@
-"""The Python API: open a library, index folders, search it. The CLI and server call only this."""
+"""The Python API: open a library, index folders, search it, caption photos.
+
+This is the only door: the command line and the HTTP server call nothing else of pixseek.
+:class:`Library` is a facade; loading models (:mod:`.models`), ranking (:mod:`.rank`) and
+thumbnails (:mod:`.thumbnails`) live in their own modules.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +15,35 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from platformdirs import user_data_dir
 from tqdm import tqdm
 
-from pixseek.encoders import (
-    DualEncoder,
-    EncoderError,
-    choose_default_model,
-    load_encoder,
-    normalise_spec,
-)
+from pixseek.encoders import DualEncoder, normalise_spec
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
-from pixseek.indexer.decode import DecodeError, decode_bytes, decode_file
+from pixseek.indexer.decode import DecodeError
 from pixseek.indexer.distributed import EmbedPool, index_folder_ray
 from pixseek.indexer.pipeline import IndexReport, index_folder
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
-from .query import compose
-from .rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, Fusion, Reranker
+from . import models, rank
+from .errors import LibraryError, ModelError
+from .models import LazyReranker, Model
+from .rank import SearchResult
+from .rerank import DEFAULT_DEPTH, Reranker
+from .thumbnails import Thumbnails
+
+__all__ = [
+    "DEFAULT_DEPTH",
+    "Library",
+    "LibraryError",
+    "LibraryInfo",
+    "Model",
+    "ModelError",
+    "SearchResult",
+    "caption_images",
+    "default_library_path",
+]
 
 DB_NAME = "library.db"
 
@@ -37,35 +51,10 @@ DB_NAME = "library.db"
 _REPORT_COUNTS = ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed")
 
 
-class LibraryError(RuntimeError):
-    """A user-facing problem with the library (missing, wrong model, bad query)."""
-
-
 def default_library_path() -> Path:
     """``PIXSEEK_LIBRARY`` if set, else a folder in the user's data directory."""
     env = os.environ.get("PIXSEEK_LIBRARY")
     return Path(env).expanduser() if env else Path(user_data_dir("pixseek")) / "library"
-
-
-@dataclass(frozen=True, slots=True)
-class SearchResult:
-    """One ranked image. ``score`` is the fused score when reranked, else the similarity;
-    ``caption_score`` (the captioner's log-likelihood per token of the query) only if reranked."""
-
-    id: int
-    path: str
-    score: float
-    width: int | None
-    height: int | None
-    taken_at: datetime | None
-    caption: str | None = None
-    similarity: float | None = None
-    caption_score: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,28 +79,61 @@ def _abspath(path: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
+def _phrases(text: str | Sequence[str] | None) -> list[str]:
+    """One text or several, blank ones dropped."""
+    texts = [text] if isinstance(text, str) else list(text or [])
+    return [t for t in texts if t.strip()]
+
+
+def _caption_files(
+    reranker: Reranker, images: Sequence[str | os.PathLike], beams: int
+) -> list[str]:
+    try:
+        return reranker.caption([_abspath(p) for p in images], beams)
+    except DecodeError as exc:
+        raise LibraryError(f"cannot read {exc}") from exc
+
+
+def caption_images(
+    images: Sequence[str | os.PathLike],
+    *,
+    captioner: str | None = None,
+    device: str | None = None,
+    beams: int = 3,
+) -> list[str]:
+    """A caption per image file, by beam search, with no library: ``captioner`` names one
+    (default ``PIXSEEK_CAPTIONER``, else the shipped one)."""
+    return _caption_files(models.load_reranker(captioner, device), images, beams)
+
+
 class Library:
     """A photo library on disk: its database, its vector index and the model it was built with.
 
-    The model is loaded on first use, so ``info`` and ``remove`` stay instant.
+    Nothing loads until it is needed (``info`` and ``remove`` stay instant), and only
+    :meth:`index`, :meth:`remove` and :meth:`add_captions` write to the library.
     ``follow_changes = False`` keeps searching the vector index loaded last instead of
     rebuilding it after each batch another handle (:meth:`twin`) writes during an index run.
     """
 
-    def __init__(self, path: Path, store: Store, model: str | None, device: str | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        store: Store,
+        model: str | None,
+        device: str | None,
+        captioner: str | None = None,
+    ) -> None:
         self.path = path
-        self.store = store
+        self._store = store
         self._spec = model
         self._device = device
-        self._encoder: DualEncoder | None = None
+        self._model: Model | None = None
+        self._captioner = LazyReranker(captioner, device)
+        self._thumbnails = Thumbnails(path / "thumbs")
         self._index: VectorIndex | None = None
         self._index_generation = -1
         self._reset_pending = False
-        self.notice: str | None = None
         self.follow_changes = True
-        self.captioner_spec: str | None = os.environ.get("PIXSEEK_CAPTIONER") or None
-        self._reranker: Reranker | None = None
-        self._rerank_error: str | None = None
 
     # opening --------------------------------------------------------------------------------
     @classmethod
@@ -154,20 +176,19 @@ class Library:
                 f"this library was built with the model {recorded!r}, not {wanted!r}; "
                 "to re-index everything with the new model add --reindex"
             )
-        library = cls(folder, store, wanted or recorded, device)
+        library = cls(folder, store, wanted or recorded, device, captioner)
         library._reset_pending = reindex or switching
-        library.captioner_spec = captioner or library.captioner_spec
         return library
 
     def twin(self) -> Library:
         """Another handle on this library with its own database connections but this one's
         loaded model: a server indexes through it while searches go on through this one."""
         twin = Library(self.path, Store(self.path / DB_NAME), self._spec, self._device)
-        twin._encoder = self._encoder
+        twin._model = self._model
         return twin
 
     def close(self) -> None:
-        self.store.close()
+        self._store.close()
 
     def __enter__(self) -> Library:
         return self
@@ -175,62 +196,39 @@ class Library:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # the model ------------------------------------------------------------------------------
-    @property
-    def encoder(self) -> DualEncoder:
-        """The library's model, loaded once; checked against the model id it recorded."""
-        if self._encoder is None:
-            spec = self._spec
-            if not spec:
-                choice = choose_default_model()
-                spec, self.notice = choice.spec, choice.notice
-            encoder = load_encoder(spec, device=self._device)
-            recorded_id = self.store.get_setting("model_id")
-            if recorded_id and recorded_id != encoder.model_id:
-                raise LibraryError(
-                    f"the weights of {spec!r} changed since this library was built "
-                    f"({recorded_id} -> {encoder.model_id}); re-index with --reindex"
-                )
-            if not recorded_id:
-                self.store.set_settings(model=spec, model_id=encoder.model_id)
-            self._spec, self._encoder = spec, encoder
-        return self._encoder
+    # the models -----------------------------------------------------------------------------
+    def load_model(self) -> Model:
+        """The library's model, loaded now if it was not (searching loads it when needed).
 
-    @property
-    def reranker(self) -> Reranker | None:
-        """The captioner that reranks and captions, loaded on first use; None where it cannot
-        load (no weights, CoCa offline), the reason kept for an explicit request."""
-        if self._reranker is None and self._rerank_error is None:
-            from pixseek.encoders.registry import load_captioner
-
-            try:
-                captioner = load_captioner(self.captioner_spec, device=self._device)
-            except EncoderError as exc:
-                self._rerank_error = str(exc)
-                return None
-            self._reranker = Reranker(captioner)
-        return self._reranker
-
-    def _captioning(self) -> Reranker:
-        reranker = self.reranker
-        if reranker is None:
-            raise LibraryError(f"no captioner: {self._rerank_error}")
-        return reranker
-
-    def _fusion(self, rerank: bool | None) -> Fusion | None:
-        """How to rerank a text query, or None for the vector search's order.
-
-        By default (``rerank=None``) only where fusion weights were tuned for this pair of
-        models; asked for explicitly, an untuned pair gets the shipped pair's weights.
+        Its ``notice`` is a line for the user when the library has no model yet and the best
+        default could not be used. Loading writes nothing: an index run records the model.
+        Refused if the weights differ from those the library was built with.
         """
-        if rerank is False:
-            return None
-        if rerank is None and all(name != self.encoder.name for name, _ in FUSION):
-            return None  # nothing tuned for this model: skip loading a captioner
-        if rerank is None and self.reranker is None:
-            return None
-        tuned = FUSION.get((self.encoder.name, self._captioning().captioner.name))
-        return tuned or (FALLBACK_FUSION if rerank else None)
+        if self._model is None:
+            model = models.load_model(self._spec, self._device)
+            recorded_id = self._store.get_setting("model_id")
+            if recorded_id and recorded_id != model.encoder.model_id and not self._reset_pending:
+                raise LibraryError(
+                    f"the weights of {model.spec!r} changed since this library was built "
+                    f"({recorded_id} -> {model.encoder.model_id}); re-index with --reindex"
+                )
+            self._spec, self._model = model.spec, model
+        return self._model
+
+    def _encoder(self) -> DualEncoder:
+        return self.load_model().encoder
+
+    def _record_model(self) -> None:
+        """Record which model builds this library, as an index run starts: the library keeps
+        using it, and refuses another unless re-indexed."""
+        model = self.load_model()
+        if not self._store.get_setting("model_id"):
+            self._store.set_settings(model=model.spec, model_id=model.encoder.model_id)
+
+    def load_captioner(self) -> bool:
+        """Load the captioner that reranks and captions now (it otherwise loads on first use);
+        False where none can load, which reranking or captioning explains when asked for."""
+        return self._captioner.get() is not None
 
     # indexing -------------------------------------------------------------------------------
     def index(
@@ -254,7 +252,7 @@ class Library:
         decoding processes. The vectors are the same as without Ray, and an interrupted run
         resumes from the shards it finished.
         """
-        targets = [_abspath(f) for f in folders] or self.store.folders()
+        targets = [_abspath(f) for f in folders] or self._store.folders()
         if not targets:
             raise LibraryError("no folder to index: name one (pixseek index FOLDER)")
         for target in targets:
@@ -262,14 +260,15 @@ class Library:
                 raise LibraryError(f"no such folder: {target}")
         if self._reset_pending:
             # Re-indexing (or switching models): start from nothing, only once a run begins.
-            self.store.clear_images()
-            self.store.set_settings(model="", model_id="")
+            self._store.clear_images()
+            self._store.set_settings(model="", model_id="")
             self._reset_pending = False
+        self._record_model()
         total = IndexReport()
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(self._embed_pool(ray, ray_gpus, workers)) if ray else None
             for target in targets:
-                self.store.add_folder(target)
+                self._store.add_folder(target)
                 options = dict(
                     include_hidden=include_hidden,
                     progress=progress,
@@ -277,12 +276,12 @@ class Library:
                     batch_size=batch_size,
                 )
                 if pool is not None:
-                    report = index_folder_ray(self.store, pool, target, **options)
+                    report = index_folder_ray(self._store, pool, target, **options)
                 else:
                     report = index_folder(
-                        self.store, self.encoder, target, workers=workers, **options
+                        self._store, self._encoder(), target, workers=workers, **options
                     )
-                self.store.add_folder(target, indexed_at=datetime.now())
+                self._store.add_folder(target, indexed_at=datetime.now())
                 for name in _REPORT_COUNTS:
                     setattr(total, name, getattr(total, name) + getattr(report, name))
                 total.seconds += report.seconds
@@ -292,7 +291,7 @@ class Library:
 
     def _embed_pool(self, address: str, gpus: float, decode_workers: int | None) -> EmbedPool:
         """Ray actors holding this library's model; refused if they load other weights."""
-        here = self.encoder.model_id  # also settles which model (the default) the library uses
+        here = self._encoder().model_id
         try:
             pool = EmbedPool(
                 self._spec,
@@ -312,22 +311,31 @@ class Library:
 
     def remove(self, folder: str | os.PathLike) -> int:
         """Forget a folder and its images (the files themselves are untouched)."""
-        gone = self.store.remove_folder(_abspath(folder))
+        gone = self._store.remove_folder(_abspath(folder))
         self._refresh_index()
         return gone
 
+    def folders(self) -> list[str]:
+        """The folders this library indexes."""
+        return self._store.folders()
+
     def image_path(self, image_id: int) -> str:
         """The file of an indexed image: servers take ids from clients, never paths."""
-        row = self.store.get_rows([image_id]).get(image_id)
+        row = self._store.get_rows([image_id]).get(image_id)
         if row is None or row.status != OK:
             raise LibraryError(f"no indexed image with id {image_id}")
         return row.path
 
+    def thumbnail(self, image_id: int, size: int) -> Path:
+        """A JPEG of an indexed image, upright, its shorter side ``size`` pixels at most;
+        cached in the library folder (``thumbs/``), renewed when the photo changes."""
+        return self._thumbnails.get(self.image_path(image_id), size)
+
     def _refresh_index(self) -> VectorIndex | None:
-        stale = self._index_generation != self.store.generation
+        stale = self._index_generation != self._store.generation
         if stale and (self.follow_changes or self._index_generation < 0):
-            self._index = vectorfile.current(self.store, self.path)
-            self._index_generation = self.store.generation
+            self._index = vectorfile.current(self._store, self.path)
+            self._index_generation = self._store.generation
         return self._index
 
     # searching ------------------------------------------------------------------------------
@@ -353,138 +361,34 @@ class Library:
         the vector search's order; True asks for it (an error if no captioner can load). Results
         past the depth follow in vector-search order; ``min_score`` applies to the similarity.
         """
-        texts = [text] if isinstance(text, str) else list(text or [])
-        negatives = [negative] if isinstance(negative, str) else list(negative or [])
-        texts, negatives = [t for t in texts if t.strip()], [n for n in negatives if n.strip()]
-        positives: list[np.ndarray] = []
-        exclude: set[int] = set()
-        if texts:
-            positives.extend(self.encoder.embed_texts(texts))
-        if image is not None:
-            vector, image_id = self._image_vector(image)
-            positives.append(vector)
-            if image_id is not None:
-                exclude.add(image_id)
-        if not positives:
-            raise LibraryError("give a text query, an example image, or both")
-        negative_vectors = list(self.encoder.embed_texts(negatives)) if negatives else None
-        query = compose(positives, negative_vectors)
+        texts, negatives = _phrases(text), _phrases(negative)
+        if isinstance(image, str | os.PathLike):
+            image = _abspath(image)
+        query, exclude = rank.query_vector(self._store, self._encoder, texts, image, negatives)
         if rerank_depth is not None and rerank_depth < 1:
             raise LibraryError("rerank_depth must be at least 1")
-        fusion = self._fusion(rerank) if texts else None
-        return self._ranked(
-            query,
-            k,
-            exclude,
-            folder,
-            taken_after,
-            taken_before,
-            min_score,
-            rerank_texts=texts if fusion else (),
-            fusion=fusion,
-            depth=rerank_depth or DEFAULT_DEPTH,
+        if k < 1:
+            raise LibraryError("k must be at least 1")
+        plan = None
+        if texts:
+            depth = rerank_depth or DEFAULT_DEPTH
+            plan = rank.plan_rerank(rerank, texts, depth, self._encoder().name, self._captioner)
+        filters = rank.Filters(
+            _abspath(folder) if folder else None, taken_after, taken_before, min_score
+        )
+        index = self._refresh_index()
+        return rank.rank(
+            self._store, index, query, k, exclude=exclude, filters=filters, rerank=plan
         )
 
     def similar(self, image: str | os.PathLike | int, **options: Any) -> list[SearchResult]:
         """Images like an example: a file on disk or an indexed image's id."""
         return self.search(image=image, **options)
 
-    def _image_vector(
-        self, image: str | os.PathLike | int | bytes
-    ) -> tuple[np.ndarray, int | None]:
-        """An indexed image's stored vector (no decoding), else a freshly embedded file."""
-        if isinstance(image, bytes):
-            try:
-                decoded = decode_bytes(image)
-            except DecodeError as exc:
-                raise LibraryError(f"cannot read the example image: {exc}") from exc
-            return self.encoder.embed_pil([decoded.image])[0], None
-        if isinstance(image, int | np.integer):
-            vector = self.store.vector_of(int(image))
-            if vector is None:
-                raise LibraryError(f"no indexed image with id {image}")
-            return vector, int(image)
-        path = _abspath(image)
-        row = self.store.find_path(path)
-        if row is not None and row.status == OK and row.vector is not None:
-            return np.frombuffer(row.vector, dtype=np.float32).copy(), row.id
-        if not os.path.isfile(path):
-            raise LibraryError(f"no such image: {path}")
-        try:
-            decoded = decode_file(path)
-        except (DecodeError, OSError) as exc:
-            raise LibraryError(f"cannot read the example image {path}: {exc}") from exc
-        return self.encoder.embed_pil([decoded.image])[0], None
-
-    def _ranked(
-        self,
-        query: np.ndarray,
-        k: int,
-        exclude: set[int],
-        folder: str | os.PathLike | None,
-        taken_after: datetime | None,
-        taken_before: datetime | None,
-        min_score: float | None,
-        *,
-        rerank_texts: Sequence[str] = (),
-        fusion: Fusion | None = None,
-        depth: int = DEFAULT_DEPTH,
-    ) -> list[SearchResult]:
-        if k < 1:
-            raise LibraryError("k must be at least 1")
-        index = self._refresh_index()
-        if index is None:
-            return []
-        allowed = None
-        if folder or taken_after or taken_before:
-            allowed = self.store.filter_ids(
-                folder=_abspath(folder) if folder else None,
-                taken_after=taken_after,
-                taken_before=taken_before,
-            )
-            if not len(allowed):
-                return []
-        depth = depth if fusion and rerank_texts else 0
-        wanted = max(k, depth)
-        scores, ids = index.search(query[None, :], wanted + len(exclude), allowed_ids=allowed)
-        hits = [
-            (int(i), float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)
-        ][:wanted]
-        rows = self.store.get_rows([i for i, _ in hits])
-        hits = [(i, s) for i, s in hits if i in rows]
-        ranked = [(i, s, None, s) for i, s in hits]  # id, similarity, caption score, score
-        if depth and hits:
-            head = hits[:depth]
-            rescored = self._captioning().rerank(
-                rerank_texts, [rows[i].path for i, _ in head], [s for _, s in head], fusion
-            )
-            ranked[: len(head)] = [
-                (head[r.position][0], r.similarity, r.caption_score, r.score) for r in rescored
-            ]
-        return [
-            SearchResult(
-                id=i,
-                path=rows[i].path,
-                score=score,
-                width=rows[i].width,
-                height=rows[i].height,
-                taken_at=rows[i].taken_at,
-                caption=rows[i].caption,
-                similarity=s,
-                caption_score=caption_score,
-            )
-            for i, s, caption_score, score in ranked[:k]
-        ]
-
     # captions -------------------------------------------------------------------------------
     def caption(self, images: Sequence[str | os.PathLike], *, beams: int = 3) -> list[str]:
         """A caption per image file (indexed or not), by beam search."""
-        try:
-            return self._captioning().caption([_abspath(p) for p in images], beams)
-        except DecodeError as exc:
-            raise LibraryError(f"cannot read {exc}") from exc
+        return _caption_files(self._captioner.require(), images, beams)
 
     def add_captions(self, *, batch_size: int = 32, progress: bool = False) -> int:
         """Caption every indexed photo that has no caption yet; returns how many were written.
@@ -492,21 +396,22 @@ class Library:
         A changed photo is re-indexed without its caption, so each run captions only what is
         new; a photo unreadable now is left for the next run.
         """
-        reranker = self._captioning()
-        todo = self.store.uncaptioned()
+        reranker = self._captioner.require()
+        todo = self._store.uncaptioned()
         written = 0
         steps = range(0, len(todo), batch_size)
         for start in tqdm(steps, desc="captions", unit="batch", disable=not progress):
             chunk = todo[start : start + batch_size]
             texts = reranker.caption([path for _, path in chunk], strict=False)
             done = [(i, text) for (i, _), text in zip(chunk, texts, strict=True) if text]
-            self.store.set_captions(done)
+            self._store.set_captions(done)
             written += len(done)
         return written
 
     # facts ----------------------------------------------------------------------------------
     def info(self) -> LibraryInfo:
-        counts = self.store.counts()
+        """What the library holds; reads only (it loads no model)."""
+        counts = self._store.counts()
         index = self._refresh_index() if counts[OK] else None
         size = 0
         for entry in self.path.iterdir():
@@ -516,10 +421,10 @@ class Library:
             path=str(self.path),
             images=counts[OK],
             failed=counts[FAILED],
-            folders=self.store.folders(),
-            model=self.store.get_setting("model") or self._spec,
-            model_id=self.store.get_setting("model_id") or None,
+            folders=self._store.folders(),
+            model=self._store.get_setting("model") or self._spec,
+            model_id=self._store.get_setting("model_id") or None,
             index_kind=index.kind if index is not None else None,
             size_bytes=size,
-            failures=self.store.failures(),
+            failures=self._store.failures(),
         )

@@ -12,16 +12,14 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pixseek.encoders import EncoderError
-
-from .api import Library, LibraryError, SearchResult
-from .rerank import DEFAULT_DEPTH, Reranker
+from .api import DEFAULT_DEPTH, Library, LibraryError, Model, SearchResult, caption_images
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
@@ -51,7 +49,7 @@ def user_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (LibraryError, EncoderError) as exc:
+        except LibraryError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; what was indexed so far is kept.", err=True)
@@ -60,15 +58,54 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+@dataclass
+class Settings:
+    """What the options shared by every command say (``ctx.obj``)."""
+
+    library: Path | None = None
+    device: str | None = None
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Options before a command's name are parsed first, so the one after it wins."""
+    if value is not None:
+        setattr(ctx.ensure_object(Settings), param.name, value)
+
+
+def library_option(**attrs: Any) -> Callable:
+    """``--library``, taken before or after a command's name (the one after wins)."""
+    return click.option(
+        "--library",
+        type=click.Path(file_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_remember,
+        help="Library folder (default: PIXSEEK_LIBRARY, else in your user data folder). "
+        "Given before and after the command's name, the one after wins.",
+        **attrs,
+    )
+
+
+def device_option(**attrs: Any) -> Callable:
+    """``--device``, taken before or after a command's name (the one after wins)."""
+    return click.option(
+        "--device",
+        expose_value=False,
+        callback=_remember,
+        help="torch device for the model, e.g. cpu or cuda (default: auto).",
+        **attrs,
+    )
+
+
 def _open(ctx: click.Context, **kwargs: Any) -> Library:
-    library = Library.open(ctx.obj["library"], device=ctx.obj["device"], **kwargs)
+    settings = ctx.ensure_object(Settings)
+    library = Library.open(settings.library, device=settings.device, **kwargs)
     ctx.call_on_close(library.close)
     return library
 
 
-def _notice(library: Library) -> None:
-    if library.notice:
-        click.echo(library.notice, err=True)
+def _notice(model: Model) -> None:
+    if model.notice:
+        click.echo(model.notice, err=True)
 
 
 @click.group(
@@ -79,33 +116,11 @@ def _notice(library: Library) -> None:
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.option(
-    "--library",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="PIXSEEK_LIBRARY",
-    help="Library folder (default: in your user data folder; or set PIXSEEK_LIBRARY).",
-)
-@click.option("--device", help="torch device for the model, e.g. cpu or cuda (default: auto).")
+@library_option(envvar="PIXSEEK_LIBRARY")
+@device_option()
 @click.version_option(package_name="pixseek")
-@click.pass_context
-def main(ctx: click.Context, library: Path | None, device: str | None) -> None:
+def main() -> None:
     """Search your photos by describing them, or by showing a similar one."""
-    ctx.obj = {"library": library, "device": device}
-
-
-def _library_after(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
-    if value is not None:
-        ctx.obj["library"] = value
-
-
-# The same --library after a command's name, as users type it: it wins over the one before.
-library_option = click.option(
-    "--library",
-    type=click.Path(file_okay=False, path_type=Path),
-    expose_value=False,
-    callback=_library_after,
-    help="Library folder (same as pixseek --library; this one wins).",
-)
 
 
 def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -119,7 +134,8 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @main.command()
-@library_option
+@library_option()
+@device_option()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=True, path_type=Path))
 @click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
 @click.option("--reindex", is_flag=True, help="Drop all vectors and embed everything again.")
@@ -162,8 +178,7 @@ def index(
     """Index FOLDERS (or re-scan every folder indexed before). Only new and changed photos
     are embedded; deleted ones are dropped. Safe to interrupt and run again."""
     library = _open(ctx, model=model, reindex=reindex)
-    library.encoder  # noqa: B018 - load (and announce) the model before the progress bars
-    _notice(library)
+    _notice(library.load_model())  # loaded (and announced) before the progress bars
     report = library.index(
         folders,
         batch_size=batch_size,
@@ -268,12 +283,12 @@ def _query(
         taken_before=_end_of_day(before),
         min_score=min_score,
     )
-    _notice(library)
     _print_results(results, as_json)
 
 
 @main.command()
-@library_option
+@library_option()
+@device_option()
 @click.argument("query")
 @click.option(
     "--image",
@@ -294,7 +309,8 @@ def search(
 
 
 @main.command()
-@library_option
+@library_option()
+@device_option()
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--not", "negative", multiple=True, help="Push away from this (repeatable).")
 @_filters
@@ -306,6 +322,7 @@ def similar(ctx: click.Context, image: Path, negative: tuple[str, ...], **option
 
 
 @main.command()
+@device_option()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--captioner",
@@ -321,15 +338,9 @@ def caption(
     ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
 ) -> None:
     """Describe each of IMAGES in a sentence (no library needed)."""
-    from pixseek.encoders.registry import load_captioner
-    from pixseek.indexer.decode import DecodeError
-
     paths = [os.path.abspath(p.expanduser()) for p in images]
-    reranker = Reranker(load_captioner(captioner, device=ctx.obj["device"]))
-    try:
-        texts = reranker.caption(paths, beams)
-    except DecodeError as exc:
-        raise click.ClickException(f"cannot read {exc}") from None
+    device = ctx.ensure_object(Settings).device
+    texts = caption_images(paths, captioner=captioner, device=device, beams=beams)
     if as_json:
         rows = [{"path": p, "caption": t} for p, t in zip(paths, texts, strict=True)]
         click.echo(json.dumps(rows, indent=2))
@@ -339,7 +350,7 @@ def caption(
 
 
 @main.command()
-@library_option
+@library_option()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 @user_errors
@@ -360,7 +371,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@library_option
+@library_option()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the count as JSON.")
 @click.pass_context
@@ -375,7 +386,8 @@ def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
 
 
 @main.command()
-@library_option
+@library_option()
+@device_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -402,13 +414,14 @@ def serve(
     """Serve the search page and its HTTP API (http://127.0.0.1:8000/; docs at /docs)."""
     from .server import serve as run_server  # FastAPI loads only for this command
 
+    settings = ctx.ensure_object(Settings)
     run_server(
-        ctx.obj["library"],
+        settings.library,
         host=host,
         port=port,
         token=token,
         folders=folders,
-        device=ctx.obj["device"],
+        device=settings.device,
     )
 
 

@@ -13,33 +13,28 @@ database connections, the same model) while searches keep using the index loaded
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import logging
 import mimetypes
 import os
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, time
 from pathlib import Path
 from time import perf_counter
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pixseek.encoders import EncoderError
-from pixseek.indexer.decode import DecodeError, decode_file
-
-from .api import Library, LibraryError, LibraryInfo, SearchResult
+from .api import Library, LibraryError, LibraryInfo, ModelError, SearchResult
 
 log = logging.getLogger("pixseek.server")
 
@@ -49,7 +44,6 @@ MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an upload
 MAX_K = 500
 MAX_OFFSET = 10_000
 THUMB_SIZES = (256, 1280)  # grid tiles; the large view
-THUMB_QUALITY = 82
 TOKEN_COOKIE = "pixseek_token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -65,50 +59,24 @@ def is_loopback(host: str) -> bool:
 
 
 # responses ---------------------------------------------------------------------------------
-class Hit(BaseModel):
-    """One ranked photo with the URLs to show it."""
-
-    id: int
-    path: str
-    score: float
-    width: int | None
-    height: int | None
-    taken_at: datetime | None
-    caption: str | None
-    similarity: float | None = Field(description="The vector similarity (when reranked).")
-    caption_score: float | None = Field(description="The captioner's score (when reranked).")
-    thumbnail: str
-    original: str
-
-    @classmethod
-    def of(cls, result: SearchResult) -> Hit:
-        base = f"/api/images/{result.id}"
-        return cls(
-            **result.to_dict() | {"taken_at": result.taken_at},
-            thumbnail=f"{base}/thumbnail",
-            original=f"{base}/original",
-        )
-
-
 class SearchResponse(BaseModel):
-    results: list[Hit]
+    results: list[SearchResult]
     offset: int
     more: bool = Field(description="Whether asking for the next page may return more.")
     reranked: bool = Field(description="Whether the results were reranked.")
     took_ms: float
 
 
-# LibraryInfo's fields, read from the dataclass so the API schema cannot drift from it.
-_LibraryFacts = create_model(
-    "LibraryFacts", **{name: (hint, ...) for name, hint in get_type_hints(LibraryInfo).items()}
-)
-
-
-class InfoResponse(_LibraryFacts):
+@dataclass(frozen=True, slots=True)
+class InfoResponse(LibraryInfo):
     """What ``pixseek info`` shows, plus what the web page needs."""
 
-    index_folders: list[str] = Field(description="What POST /api/index (re-)indexes.")
-    rerank_available: bool = Field(description="Whether a captioner loaded to rerank with.")
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"use_attribute_docstrings": True}
+
+    index_folders: list[str]
+    """What POST /api/index (re-)indexes."""
+    rerank_available: bool
+    """Whether a captioner loaded to rerank with."""
     max_upload_bytes: int
 
 
@@ -171,8 +139,6 @@ class Service:
         self.folders = [os.path.abspath(f) for f in folders]
         self.index_workers = index_workers
         self.lock = threading.Lock()  # one search at a time: model and vector index
-        self.thumb_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
-        self.thumbs = library.path / "thumbs"
         self.job = JobStatus()
         self._job_lock = threading.Lock()
 
@@ -180,11 +146,11 @@ class Service:
         """Load the model, the captioner (if one loads) and the vector index now rather than
         on the first search."""
         with self.lock:
-            self.library.encoder  # noqa: B018 - loading is the point
-            self.library.reranker  # noqa: B018
+            model = self.library.load_model()
+            self.library.load_captioner()
             self.library.info()
-        if self.library.notice:
-            log.warning(self.library.notice)
+        if model.notice:
+            log.warning(model.notice)
 
     # searching ------------------------------------------------------------------------------
     def search(self, query: SearchQuery, image: bytes | None = None) -> SearchResponse:
@@ -207,7 +173,7 @@ class Service:
                 rerank_depth=query.rerank_depth,
             )
         return SearchResponse(
-            results=[Hit.of(r) for r in results[query.offset :]],
+            results=results[query.offset :],
             offset=query.offset,
             more=len(results) == wanted,
             reranked=any(r.caption_score is not None for r in results),
@@ -221,7 +187,7 @@ class Service:
         if not os.path.isabs(under) or "\x00" in under:
             raise LibraryError(f"'under' must be an absolute folder path, not {under!r}")
         folder = os.path.normpath(under)
-        roots = self.library.store.folders()
+        roots = self.library.folders()
         if not any(os.path.commonpath([folder, root]) == root for root in roots):
             raise LibraryError(f"'under' must be inside a library folder: {', '.join(roots)}")
         return folder
@@ -229,9 +195,9 @@ class Service:
     def info(self) -> InfoResponse:
         with self.lock:
             facts = self.library.info()
-            rerank_available = self.library.reranker is not None
+            rerank_available = self.library.load_captioner()
         return InfoResponse(
-            **facts.to_dict(),
+            **asdict(facts),
             index_folders=self.index_folders(facts.folders),
             rerank_available=rerank_available,
             max_upload_bytes=self.max_upload,
@@ -248,35 +214,12 @@ class Service:
         return path
 
     def thumbnail(self, image_id: int, size: int) -> Path:
-        """A JPEG whose shorter side is ``size``, upright; cached under <library>/thumbs.
-
-        The cache key covers the file's path, size and mtime, so an edited photo gets a new
-        thumbnail and stale ones are never served.
-        """
-        source = self.path_of(image_id)
+        """An upright JPEG, cached in the library folder (:meth:`Library.thumbnail`)."""
+        self.path_of(image_id)  # an unknown id or a file gone is a 404
         try:
-            stat = os.stat(source)
-        except OSError as exc:
-            raise HTTPException(404, f"cannot read image {image_id}: {exc.strerror}") from None
-        key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}".encode()
-        name = hashlib.blake2b(key, digest_size=16).hexdigest()
-        target = self.thumbs / name[:2] / f"{name}.jpg"
-        if target.exists():
-            return target
-        with self.thumb_slots:
-            try:
-                image = decode_file(source, min_side=size).image  # EXIF-rotated RGB
-            except DecodeError as exc:
-                raise HTTPException(422, f"cannot read image {image_id}: {exc}") from None
-            scale = size / min(image.size)
-            if scale < 1:
-                shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                image = image.resize(shape, Image.Resampling.LANCZOS, reducing_gap=2.0)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as f:
-                image.save(f, "JPEG", quality=THUMB_QUALITY, optimize=True)
-            os.replace(f.name, target)  # atomic: a concurrent reader sees all or nothing
-        return target
+            return self.library.thumbnail(image_id, size)
+        except LibraryError as exc:
+            raise HTTPException(422, f"cannot read image {image_id}: {exc}") from None
 
     # indexing -------------------------------------------------------------------------------
     def index_folders(self, known: Sequence[str]) -> list[str]:
@@ -287,7 +230,7 @@ class Service:
         with self._job_lock:
             if self.job.state == "running":
                 raise HTTPException(409, "an index job is already running")
-            folders = self.index_folders(self.library.store.folders())
+            folders = self.index_folders(self.library.folders())
             if not folders:
                 raise LibraryError("no folder to index: start the server with --folder FOLDER")
             self.job = JobStatus(state="running", folders=folders, started_at=datetime.now())
@@ -303,7 +246,7 @@ class Service:
                     folders, workers=self.index_workers, on_progress=self._progress
                 )
             outcome = {"state": "done", "report": {**vars(report), "embedded": report.embedded}}
-        except (LibraryError, EncoderError) as exc:
+        except LibraryError as exc:
             outcome["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a job thread must report, not vanish
             log.exception("index job failed")
@@ -433,8 +376,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def library_error(_request: Request, exc: LibraryError) -> JSONResponse:
         return _error(400, str(exc))
 
-    @app.exception_handler(EncoderError)
-    async def model_error(_request: Request, exc: EncoderError) -> JSONResponse:
+    @app.exception_handler(ModelError)
+    async def model_error(_request: Request, exc: ModelError) -> JSONResponse:
         return _error(503, str(exc))
 
 

@@ -37,12 +37,13 @@ def tiny_spec() -> str:
 def color_model(monkeypatch: pytest.MonkeyPatch) -> str:
     """A model spec whose ranking is known: images and texts embedded by colour."""
     import pixseek.search.api
+    import pixseek.search.models
 
-    real = pixseek.search.api.load_encoder
+    real = pixseek.search.models.load_encoder
 
     def load(spec: str, *, device: str | None = None):
         return ColorEncoder() if spec == COLOR_SPEC else real(spec, device=device)
 
-    monkeypatch.setattr(pixseek.search.api, "load_encoder", load)
+    monkeypatch.setattr(pixseek.search.models, "load_encoder", load)
     monkeypatch.setattr(pixseek.search.api, "normalise_spec", lambda spec: spec)
     return COLOR_SPEC

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from imagegen import make_corrupt_jpeg, make_photo
 
+from pixseek.search import Library, api, cli, server
 from pixseek.search.cli import main
 
 
@@ -123,3 +127,101 @@ def test_library_may_follow_the_command_and_then_wins(tmp_path: Path, color_mode
     facts = runner.invoke(main, ["info", "--json", "--library", str(here)])
     assert json.loads(facts.output)["images"] == 1
     assert not other.exists()
+
+
+def _snapshot(library: Path) -> tuple[bytes, int]:
+    db = library / "library.db"
+    return db.read_bytes(), db.stat().st_mtime_ns
+
+
+def test_read_commands_leave_the_library_database_untouched(
+    run, indexed, photos: Path, tmp_path: Path
+) -> None:
+    before = _snapshot(tmp_path / "lib")
+    for args in (
+        ["search", "red"],
+        ["search", "red", "--json", "--under", str(photos), "--no-rerank"],
+        ["similar", str(photos / "red.jpg")],
+        ["info"],
+        ["info", "--json"],
+    ):
+        assert run(*args).exit_code == 0, args
+        assert _snapshot(tmp_path / "lib") == before, args
+
+
+def test_searching_a_library_with_no_model_yet_records_none(
+    tmp_path: Path, color_model: str
+) -> None:
+    library = tmp_path / "new"
+    Library.open(library).close()  # created, never indexed
+    before = _snapshot(library)
+    env = {"PIXSEEK_MODEL": color_model}
+    found = CliRunner().invoke(main, ["search", "red", "--library", str(library)], env=env)
+    assert found.exit_code == 0, found.output
+    assert _snapshot(library) == before
+    facts = json.loads(
+        CliRunner().invoke(main, ["info", "--json", "--library", str(library)]).output
+    )
+    assert (facts["model"], facts["model_id"]) == (None, None)
+
+
+def test_switching_models_with_reindex_embeds_everything_again(
+    run, indexed, photos: Path, tiny_spec: str
+) -> None:
+    switched = run("index", str(photos), "--model", tiny_spec, "--reindex", "-q", "--json")
+    assert switched.exit_code == 0, switched.output
+    assert json.loads(switched.output)["added"] == 2
+    assert json.loads(run("info", "--json").output)["model"] == tiny_spec
+
+
+def test_library_and_device_may_follow_the_command(
+    run, indexed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices = []
+    opened = Library.open.__func__
+
+    def spy(cls, *args, **options):
+        devices.append(options["device"])
+        return opened(cls, *args, **options)
+
+    monkeypatch.setattr(Library, "open", classmethod(spy))
+    args = ["search", "red", "--device", "cpu", "--library", str(tmp_path / "lib"), "-k", "1"]
+    found = CliRunner().invoke(main, ["--device", "cuda:7", "--library", "elsewhere", *args])
+    assert found.exit_code == 0, found.output
+    assert "red.jpg" in found.output and devices == ["cpu"]
+
+
+def test_train_and_eval_load_only_when_run() -> None:
+    """--help lists them with their short help; other commands never import training code."""
+    listed = CliRunner().invoke(main, ["--help"])
+    assert listed.exit_code == 0
+    lines = {line.split()[0]: line for line in listed.output.splitlines() if line.startswith("  ")}
+    assert len(lines["train"].split()) > 2 and len(lines["eval"].split()) > 2
+    probe = (
+        "import sys\n"
+        "from pixseek.search.cli import main\n"
+        "for command in ('index', 'search', 'similar', 'info', 'remove', 'caption', 'serve'):\n"
+        "    main([command, '--help'], standalone_mode=False)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pixseek.training')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_cli_and_the_server_use_only_the_public_api() -> None:
+    """They import only what pixseek.search.api exports, and touch nothing private of it."""
+    for module in (cli, server):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("pixseek") for a in node.names), module
+            elif isinstance(node, ast.ImportFrom) and (node.level or "pixseek" in node.module):
+                if node.module == "server" and module is cli:
+                    continue  # pixseek serve runs the server
+                assert (node.level, node.module) == (1, "api"), (module, node.module)
+                assert {a.name for a in node.names} <= set(api.__all__), module
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                owner = node.value
+                mine = isinstance(owner, ast.Name) and owner.id == "self"
+                assert mine or node.attr.startswith("__"), (module, node.attr, node.lineno)

@@ -172,7 +172,7 @@ def test_library_index_with_ray_gives_the_single_process_vectors(
     with Library.open(tmp_path / "lib", model=TINY_SPEC) as library:
         report = library.index([photos], ray="local")
         assert (report.added, report.failed) == (PHOTOS, 1)
-        _assert_same_rows(_rows(library.store), reference)
+        _assert_same_rows(_rows(Store(tmp_path / "lib" / "library.db")), reference)
         assert library.search("a photo", k=3)  # the merged rows are searchable
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 from datetime import datetime
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 from imagegen import make_corrupt_jpeg, make_photo
 
+import pixseek.search
+from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError
+from pixseek.search.api import DB_NAME
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -138,8 +142,10 @@ def test_decoding_in_worker_processes_gives_the_same_vectors(
     for workers, batch_size in ((0, 64), (2, 2)):
         with Library.open(tmp_path / f"lib{workers}", model=color_model) as lib:
             assert lib.index([photos], workers=workers, batch_size=batch_size).added == 4
-            ids, vectors = next(lib.store.iter_vectors())
-            rows = lib.store.get_rows([int(i) for i in ids])
+            store = Store(lib.path / DB_NAME)  # what was written, read beneath the API
+            ids, vectors = next(store.iter_vectors())
+            rows = store.get_rows([int(i) for i in ids])
+            store.close()
             paths = [rows[int(i)].path for i in ids]
             stored.append(dict(zip(paths, vectors.tolist(), strict=True)))
             scores.append({Path(r.path).name: r.score for r in lib.search("green", k=4)})
@@ -176,7 +182,7 @@ def test_another_model_is_refused_unless_reindexing(
 
 def test_reopening_uses_the_recorded_model(library: Library, tmp_path: Path) -> None:
     with Library.open(tmp_path / "lib") as reopened:
-        assert reopened.encoder.model_id == "color@1"
+        assert reopened.load_model().encoder.model_id == "color@1"
 
 
 def test_missing_library_and_empty_queries_are_user_errors(library: Library, tmp_path) -> None:
@@ -188,3 +194,37 @@ def test_missing_library_and_empty_queries_are_user_errors(library: Library, tmp
         library.similar(tmp_path / "missing.jpg")
     with pytest.raises(LibraryError, match="no such folder"):
         library.index([tmp_path / "missing"])
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
+def _changes_environment(node: ast.AST) -> bool:
+    """``os.environ[...] = / del``, ``os.environ.setdefault/update/pop/...``, ``os.putenv``."""
+    if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store | ast.Del):
+        return _is_environ(node.value)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        if node.func.attr in ("putenv", "unsetenv"):
+            return True
+        writes = ("setdefault", "update", "pop", "popitem", "clear")
+        return node.func.attr in writes and _is_environ(node.func.value)
+    return False
+
+
+def test_no_module_of_search_or_indexer_changes_the_environment() -> None:
+    """Importing or calling pixseek leaves the process environment as the caller set it."""
+    root = Path(pixseek.search.__file__).parents[1]
+    for module in [*(root / "search").rglob("*.py"), *(root / "indexer").rglob("*.py")]:
+        for node in ast.walk(ast.parse(module.read_text())):
+            assert not _changes_environment(node), f"{module}:{node.lineno}"
+
+
+def test_loading_the_model_writes_nothing_an_index_run_records_it(
+    tmp_path: Path, photos: Path, color_model: str
+) -> None:
+    with Library.open(tmp_path / "lib", model=color_model) as library:
+        assert library.load_model().encoder.model_id == "color@1"
+        assert library.info().model_id is None  # not recorded by loading
+        library.index([photos], workers=0)
+        assert library.info().model_id == "color@1"

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,7 +18,9 @@ import pixseek.encoders.registry
 import pixseek.training.cli
 from pixseek.encoders.base import EncoderError
 from pixseek.encoders.captioner import Captioner
+from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError
+from pixseek.search.api import DB_NAME
 from pixseek.search.cli import main
 from pixseek.search.rerank import DEFAULT_DEPTH, FUSION, Fusion, Reranker
 from pixseek.training.evaluate import rerank_recall
@@ -167,9 +170,12 @@ def test_caption_score_averages_the_photo_and_its_mirror_image(tmp_path: Path) -
 
 
 def vector_order(library: Library, text: str, k: int) -> list[int]:
-    query = library.encoder.embed_texts([text])
-    _, ids = library._refresh_index().search(query, k)
-    return [int(i) for i in ids[0]]
+    """The k nearest stored vectors by brute force, read beneath the API."""
+    query = library.load_model().encoder.embed_texts([text])[0]
+    store = Store(library.path / DB_NAME)
+    ids, vectors = next(store.iter_vectors())
+    store.close()
+    return [int(i) for i in ids[np.argsort(-(vectors @ query), kind="stable")[:k]]]
 
 
 def test_rerank_off_gives_exactly_the_vector_search_order(

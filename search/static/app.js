@@ -21,6 +21,10 @@ async function api(url, options = {}) {
   return body;
 }
 
+// A photo's files, by id: the server never takes a path from the page.
+const thumbnailUrl = (id) => `/api/images/${id}/thumbnail`;
+const originalUrl = (id) => `/api/images/${id}/original`;
+
 function params() {
   const p = new URLSearchParams({ k: PAGE, offset: state.offset });
   if (state.q) p.set("q", state.q);
@@ -105,7 +109,7 @@ function render(results) {
     tile.className = "tile";
     tile.dataset.id = hit.id;
     const img = document.createElement("img");
-    img.src = hit.thumbnail;
+    img.src = thumbnailUrl(hit.id);
     img.loading = "lazy";
     img.decoding = "async";
     img.alt = hit.caption || basename(hit.path);
@@ -157,7 +161,7 @@ function showExample() {
     $("example-img").src = box.dataset.src;
     $("example-name").textContent = state.upload.name || "your photo";
   } else if (state.like !== null) {
-    $("example-img").src = `/api/images/${state.like}/thumbnail`;
+    $("example-img").src = thumbnailUrl(state.like);
     $("example-name").textContent = state.likeHit ? basename(state.likeHit.path) : `#${state.like}`;
   }
   box.hidden = !state.upload && state.like === null;
@@ -167,7 +171,7 @@ function openViewer(index) {
   const hit = hits[index];
   if (!hit) return;
   current = index;
-  $("viewer-img").src = `${hit.thumbnail}?size=1280`;
+  $("viewer-img").src = `${thumbnailUrl(hit.id)}?size=1280`;
   $("viewer-img").alt = hit.caption || basename(hit.path);
   $("viewer-path").textContent = hit.path;
   const facts = [`score ${hit.score.toFixed(3)}`];
@@ -175,7 +179,7 @@ function openViewer(index) {
   if (hit.width && hit.height) facts.push(`${hit.width} × ${hit.height}`);
   $("viewer-facts").textContent = facts.join(" · ");
   $("viewer-caption").textContent = hit.caption || "";
-  $("viewer-original").href = hit.original;
+  $("viewer-original").href = originalUrl(hit.id);
   if (!$("viewer").open) $("viewer").showModal();
 }
 
