@@ -50,7 +50,7 @@ QUERIES = [
 
 
 def decode_only(library: Library, folder: Path, batch_size: int, workers: int | None) -> float:
-    encoder = library.encoder
+    encoder = library.load_model().encoder
     todo = [PendingFile(entry, is_new=True) for entry in scan(str(folder))]
     started = time.perf_counter()
     for _ in decode_loader(todo, encoder.preprocess, batch_size, workers, encoder.device):
@@ -80,7 +80,7 @@ class TimedEncoder:
 def model_only(library: Library, files: list[str], batch_size: int) -> float:
     """Decoded here, untimed, and dropped on return: the pipeline run after it should not
     share the machine's memory with 600 tensors it never reads."""
-    encoder = library.encoder
+    encoder = library.load_model().encoder
     tensors = [encoder.preprocess(decode_file(f).image) for f in files]
     batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
     del tensors  # kept alive, they slowed the model by a fifth (page faults on its buffers)
@@ -136,7 +136,7 @@ def main() -> None:
                 # pipeline into a fresh store, with the model already loaded and warm.
                 ceiling = model_only(library, files, args.batch_size)
                 store = Store(Path(tmp) / f"round{r}.db")
-                timed = TimedEncoder(library.encoder)
+                timed = TimedEncoder(library.load_model().encoder)
                 try:
                     report = index_folder(
                         store,

@@ -41,8 +41,9 @@ import numpy as np
 from clustered import clustered_vectors
 from PIL import Image, ImageDraw
 
-from pixseek.indexer.store import NewImage
+from pixseek.indexer.store import NewImage, Store
 from pixseek.search import Library
+from pixseek.search.api import DB_NAME
 
 QUERIES = [
     "a dog catching a frisbee",
@@ -88,8 +89,12 @@ def fill_library(folder: Path, images: int, model: str) -> Path:
         if library.info().images == images:
             return library_path
         started = time.perf_counter()
-        encoder = library.encoder  # records the model, so the server loads the same one
+        model = library.load_model()
+        encoder = model.encoder
         vectors, _ = clustered_vectors(images, encoder.dim, seed=0)
+        # Synthetic rows go straight into the database, as an index run would write them.
+        store = Store(library_path / DB_NAME)
+        store.set_settings(model=model.spec, model_id=encoder.model_id)
         base = datetime(2015, 1, 1)
         for start in range(0, images, BATCH):
             batch = []
@@ -110,8 +115,9 @@ def fill_library(folder: Path, images: int, model: str) -> Path:
                         vector=vectors[i],
                     )
                 )
-            library.store.write_batch(batch, encoder.dim)
-        library.store.add_folder(str(photos), indexed_at=datetime.now())
+            store.write_batch(batch, encoder.dim)
+        store.add_folder(str(photos), indexed_at=datetime.now())
+        store.close()
         log(f"filled {images} rows in {time.perf_counter() - started:.1f} s")
         library.info()  # builds and saves the vector index now, not on the first request
     return library_path
