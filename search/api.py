@@ -24,17 +24,15 @@ from pixseek.encoders import (
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError, decode_bytes, decode_file
-from pixseek.indexer.distributed import EmbedPool, index_folder_ray
-from pixseek.indexer.pipeline import IndexReport, index_folder
+from pixseek.indexer.distributed import EmbedPool
+from pixseek.indexer.pipeline import Local, index_folder
+from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
 from .query import compose
 from .rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION, Fusion, Reranker
 
 DB_NAME = "library.db"
-
-
-_REPORT_COUNTS = ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed")
 
 
 class LibraryError(RuntimeError):
@@ -267,26 +265,23 @@ class Library:
             self._reset_pending = False
         total = IndexReport()
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(self._embed_pool(ray, ray_gpus, workers)) if ray else None
+            if ray:
+                runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
+            else:
+                runner = Local(self.encoder, workers)
             for target in targets:
                 self.store.add_folder(target)
-                options = dict(
+                report = index_folder(
+                    self.store,
+                    runner,
+                    target,
+                    batch_size=batch_size,
                     include_hidden=include_hidden,
                     progress=progress,
                     on_progress=on_progress,
-                    batch_size=batch_size,
                 )
-                if pool is not None:
-                    report = index_folder_ray(self.store, pool, target, **options)
-                else:
-                    report = index_folder(
-                        self.store, self.encoder, target, workers=workers, **options
-                    )
                 self.store.add_folder(target, indexed_at=datetime.now())
-                for name in _REPORT_COUNTS:
-                    setattr(total, name, getattr(total, name) + getattr(report, name))
-                total.seconds += report.seconds
-                total.scan_errors += report.scan_errors
+                total.add(report)
         self._refresh_index()
         return total
 
