@@ -46,7 +46,8 @@ class Runner(Protocol):
         """Start what a run into ``store`` needs while the driver scans the folder."""
 
     def run(self, store: Store, writer: Writer, batch_size: int) -> None:
-        """Decode and embed the files ``writer`` still wants, handing it their rows."""
+        """Decode and embed the files ``writer`` still wants (perhaps none), handing it their
+        rows."""
 
 
 class Local:
@@ -71,6 +72,8 @@ class Local:
 
     def run(self, store: Store, writer: Writer, batch_size: int) -> None:
         todo = list(writer.pending.values())
+        if not todo:  # no decoder processes to start
+            return
         batches = self.decode(todo, batch_size)
         for rows in embed(self.encoder, todo, batches, store.vectors_for_fingerprints):
             writer.write(rows)
@@ -100,8 +103,7 @@ def index_folder(
     with Writer(
         store, todo, report, runner.dim, progress=progress, on_progress=on_progress
     ) as writer:
-        if todo:
-            runner.run(store, writer, batch_size)
+        runner.run(store, writer, batch_size)
     report.removed = store.delete_ids(vanished_ids)
     report.seconds = time.perf_counter() - started
     return report
