@@ -9,10 +9,10 @@
 1b. decode-only: the indexer's own decode loader (``--workers`` processes, by default none on
    a 2-core CPU; draft mode, preprocessing) with no model: the other ceiling (on a GPU, the one
    that binds);
-2. pipeline: ``pixseek.indexer.pipeline.index_folder`` (what ``Library.index`` runs per folder) on
-   the same files from disk into a fresh store: scan, decode (as ``--workers`` says), embed,
-   store; and the share of its wall time spent in the model (the rest is the pipeline's own
-   overhead);
+2. pipeline: ``pixseek.indexer.pipeline.index_folder`` with the ``Local`` runner (what
+   ``Library.index`` runs per folder) on the same files from disk into a fresh store: scan,
+   decode (as ``--workers`` says), embed, store; and the share of its wall time spent in the
+   model (the rest is the pipeline's own overhead);
 3. text query latency through ``Library.search`` (text encoding + vector search), p50/p95;
 4. cold ``pixseek search`` wall time in a fresh process (imports, model load, query);
 5. ``pixseek index`` in a fresh process into a fresh library, the rate it reports: what a
@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from pixseek.indexer.decode import decode_file
-from pixseek.indexer.pipeline import PendingFile, decode_loader, index_folder
+from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.scan import scan
+from pixseek.indexer.stages import PendingFile
 from pixseek.indexer.store import Store
 from pixseek.search import Library
 
@@ -50,10 +51,10 @@ QUERIES = [
 
 
 def decode_only(library: Library, folder: Path, batch_size: int, workers: int | None) -> float:
-    encoder = library.load_model().encoder
+    runner = Local(library.load_model().encoder, workers)  # loads the model: not timed
     todo = [PendingFile(entry, is_new=True) for entry in scan(str(folder))]
     started = time.perf_counter()
-    for _ in decode_loader(todo, encoder.preprocess, batch_size, workers, encoder.device):
+    for _ in runner.decode(todo, batch_size):
         pass
     return len(todo) / (time.perf_counter() - started)
 
@@ -140,10 +141,9 @@ def main() -> None:
                 try:
                     report = index_folder(
                         store,
-                        timed,
+                        Local(timed, args.workers),
                         str(folder),
                         batch_size=args.batch_size,
-                        workers=args.workers,
                         progress=False,
                     )
                 finally:

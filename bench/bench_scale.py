@@ -13,8 +13,9 @@ sample and the queries (a few from every chunk), the second adds the rows to sha
 each query's exact top 10 up to date chunk by chunk. It then reports bytes per vector, build
 times, recall@10 against that exact search, and latency, for the shards and for their merge.
 
-``ray`` indexes the same photos with ``pipeline.index_folder`` (one process, decoding in a
-DataLoader worker) and with ``distributed.index_folder_ray`` on a local Ray instance.
+``ray`` indexes the same photos with ``pipeline.index_folder`` twice: with the ``Local`` runner
+(one process, decoding in a DataLoader worker) and with a ``distributed.EmbedPool`` on a local
+Ray instance.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ def bench_ray(args: argparse.Namespace) -> dict:
     import torch
 
     from pixseek.encoders import load_encoder
-    from pixseek.indexer.distributed import EmbedPool, index_folder_ray
-    from pixseek.indexer.pipeline import index_folder
+    from pixseek.indexer.distributed import EmbedPool
+    from pixseek.indexer.pipeline import Local, index_folder
     from pixseek.indexer.scan import scan
     from pixseek.indexer.store import Store
 
@@ -221,7 +222,11 @@ def bench_ray(args: argparse.Namespace) -> dict:
         encoder = load_encoder(args.model)
         store = Store(Path(tmp) / "single.db")
         report = index_folder(
-            store, encoder, str(folder), batch_size=args.batch_size, workers=1, progress=False
+            store,
+            Local(encoder, workers=1),
+            str(folder),
+            batch_size=args.batch_size,
+            progress=False,
         )
         out["single_process"] = {
             "seconds": round(report.seconds, 1),
@@ -238,19 +243,15 @@ def bench_ray(args: argparse.Namespace) -> dict:
             num_cpus=args.actor_cpus,
             num_gpus=args.num_gpus,
             decode_workers=args.decode_workers,
+            shard_size=args.shard_size,
         ) as pool:
             startup = time.perf_counter() - started
             store = Store(Path(tmp) / "ray" / "ray.db")
             started = time.perf_counter()
             ray.get(pool.known_vectors(store).counts.remote())  # a process per library
             lookup_startup = time.perf_counter() - started
-            report = index_folder_ray(
-                store,
-                pool,
-                str(folder),
-                shard_size=args.shard_size,
-                batch_size=args.batch_size,
-                progress=False,
+            report = index_folder(
+                store, pool, str(folder), batch_size=args.batch_size, progress=False
             )
             out["ray"] = {
                 "startup_s": round(startup, 1),

@@ -22,8 +22,9 @@ from pixseek.encoders import DualEncoder, normalise_spec
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError
-from pixseek.indexer.distributed import EmbedPool, index_folder_ray
-from pixseek.indexer.pipeline import IndexReport, index_folder
+from pixseek.indexer.distributed import EmbedPool
+from pixseek.indexer.pipeline import Local, index_folder
+from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
 from . import models, rank
@@ -46,9 +47,6 @@ __all__ = [
 ]
 
 DB_NAME = "library.db"
-
-
-_REPORT_COUNTS = ("scanned", "added", "updated", "reused", "unchanged", "removed", "failed")
 
 
 def default_library_path() -> Path:
@@ -266,26 +264,23 @@ class Library:
         self._record_model()
         total = IndexReport()
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(self._embed_pool(ray, ray_gpus, workers)) if ray else None
+            if ray:
+                runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
+            else:
+                runner = Local(self._encoder(), workers)
             for target in targets:
                 self._store.add_folder(target)
-                options = dict(
+                report = index_folder(
+                    self._store,
+                    runner,
+                    target,
+                    batch_size=batch_size,
                     include_hidden=include_hidden,
                     progress=progress,
                     on_progress=on_progress,
-                    batch_size=batch_size,
                 )
-                if pool is not None:
-                    report = index_folder_ray(self._store, pool, target, **options)
-                else:
-                    report = index_folder(
-                        self._store, self._encoder(), target, workers=workers, **options
-                    )
                 self._store.add_folder(target, indexed_at=datetime.now())
-                for name in _REPORT_COUNTS:
-                    setattr(total, name, getattr(total, name) + getattr(report, name))
-                total.seconds += report.seconds
-                total.scan_errors += report.scan_errors
+                total.add(report)
         self._refresh_index()
         return total
 

@@ -1,4 +1,5 @@
-"""Indexing with Ray actors gives the single-process index, resumes by shard, reuses vectors."""
+"""Indexing with Ray actors gives the local run's index and report, resumes by shard, reuses
+vectors."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from imagegen import make_corrupt_jpeg, make_photo
 
 from pixseek.encoders import load_encoder
 from pixseek.indexer import distributed
-from pixseek.indexer.distributed import EmbedPool, Shard, index_folder_ray, staging_folder
-from pixseek.indexer.pipeline import index_folder
+from pixseek.indexer.distributed import EmbedPool, save_shard, staging_folder
+from pixseek.indexer.pipeline import Local, index_folder
+from pixseek.indexer.stages import IndexReport, Rows
 from pixseek.indexer.store import NewImage, Store
 from pixseek.search.api import Library
 from pixseek.search.cli import main
@@ -40,7 +42,7 @@ def pool():
         configure_logging=False,
         runtime_env={"worker_process_setup_hook": hook},
     )
-    with EmbedPool(TINY_SPEC, workers=2) as embedders:
+    with EmbedPool(TINY_SPEC, workers=2, shard_size=SHARD) as embedders:
         yield embedders
     ray.shutdown()
 
@@ -87,26 +89,52 @@ def _assert_same_rows(got: dict[str, tuple], want: dict[str, tuple]) -> None:
             np.testing.assert_allclose(vector, want_vector, atol=1e-5, err_msg=path)
 
 
+def _counts(report: IndexReport) -> dict:
+    """What a run did to the library, leaving out the time and how a Ray run cut it up."""
+    shards = {"seconds", "shards", "shards_resumed", "shards_discarded"}
+    return {name: value for name, value in vars(report).items() if name not in shards}
+
+
 @pytest.fixture
 def reference(tmp_path: Path, photos: Path) -> dict[str, tuple]:
     store = Store(tmp_path / "reference.db")
-    index_folder(store, load_encoder(TINY_SPEC), str(photos), workers=0, progress=False)
+    index_folder(store, Local(load_encoder(TINY_SPEC), workers=0), str(photos), progress=False)
     rows = _rows(store)
     store.close()
     return rows
 
 
-def test_ray_index_equals_single_process_index(
-    tmp_path: Path, photos: Path, reference: dict[str, tuple], pool: EmbedPool
+def test_local_and_ray_runs_give_equal_reports_and_vectors(
+    tmp_path: Path, photos: Path, pool: EmbedPool
 ) -> None:
-    store = Store(tmp_path / "library.db")
-    report = index_folder_ray(
-        store, pool, str(photos), shard_size=SHARD, batch_size=3, progress=False
-    )
-    assert (report.scanned, report.added, report.failed) == (PHOTOS + 1, PHOTOS, 1)
-    assert (report.shards, report.shards_resumed) == (3, 0)
-    _assert_same_rows(_rows(store), reference)
-    assert not list(staging_folder(store).iterdir())  # merged shards are deleted
+    local_store, ray_store = Store(tmp_path / "local.db"), Store(tmp_path / "ray.db")
+    local = Local(load_encoder(TINY_SPEC), workers=0)
+
+    def both() -> tuple[IndexReport, IndexReport]:
+        options = dict(batch_size=3, progress=False)
+        return (
+            index_folder(local_store, local, str(photos), **options),
+            index_folder(ray_store, pool, str(photos), **options),
+        )
+
+    first, first_ray = both()
+    assert _counts(first) == _counts(first_ray)
+    assert (first.scanned, first.added, first.failed) == (PHOTOS + 1, PHOTOS, 1)
+    assert (first.shards, first_ray.shards, first_ray.shards_resumed) == (0, 3, 0)
+    _assert_same_rows(_rows(ray_store), _rows(local_store))
+    assert not list(staging_folder(ray_store).iterdir())  # written shards are deleted
+
+    before = _rows(ray_store)
+    moved, renamed = photos / "sub0" / "p00.jpg", photos / "renamed.jpg"
+    shutil.move(moved, renamed)
+    make_photo(photos / "sub1" / "p01.jpg", color=(0, 0, 0))  # changed in place
+    (photos / "sub0" / "p02.jpg").unlink()
+    again, again_ray = both()
+    assert _counts(again) == _counts(again_ray)
+    assert (again.reused, again.updated, again.added, again.removed) == (1, 1, 0, 2)
+    after = _rows(ray_store)
+    _assert_same_rows(after, _rows(local_store))
+    np.testing.assert_array_equal(after[str(renamed)][-1], before[str(moved)][-1])
 
 
 def test_interrupted_run_merges_finished_shards_instead_of_embedding_them(
@@ -123,33 +151,17 @@ def test_interrupted_run_merges_finished_shards_instead_of_embedding_them(
 
     monkeypatch.setattr(distributed, "_merge", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+        index_folder(store, pool, str(photos), progress=False)
     monkeypatch.undo()
     finished = list(staging_folder(store).glob("shard-*.npz"))
     assert 1 <= len(finished) <= 3 and sum(store.counts().values()) == 0
 
-    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    report = index_folder(store, pool, str(photos), progress=False)
     assert report.shards_resumed == len(finished)
     assert report.shards == 3 - len(finished)  # only the unfinished files were embedded
     assert (report.added, report.failed) == (PHOTOS, 1)
     _assert_same_rows(_rows(store), reference)
     assert not list(staging_folder(store).glob("shard-*"))
-
-
-def test_moved_file_reuses_its_stored_vector(tmp_path: Path, photos: Path, pool: EmbedPool) -> None:
-    store = Store(tmp_path / "library.db")
-    index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
-    before = _rows(store)
-    old = photos / "sub0" / "p00.jpg"
-    new = photos / "renamed.jpg"
-    shutil.move(old, new)
-
-    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
-    # the other PHOTOS - 1 photos and the broken file are unchanged
-    assert (report.reused, report.added, report.removed, report.unchanged) == (1, 0, 1, PHOTOS)
-    after = _rows(store)
-    assert str(old) not in after
-    np.testing.assert_array_equal(after[str(new)][-1], before[str(old)][-1])
 
 
 def test_leftover_shard_of_other_weights_is_discarded(
@@ -158,10 +170,10 @@ def test_leftover_shard_of_other_weights_is_discarded(
     store = Store(tmp_path / "library.db")
     staging = staging_folder(store)
     staging.mkdir()
-    stale = Shard([NewImage(str(photos / "sub0" / "p00.jpg"), 1, 2, error="x")], [False], "old")
-    stale.write(staging / "shard-old.npz", pool.dim)
+    stale = Rows([NewImage(str(photos / "sub0" / "p00.jpg"), 1, 2, error="x")], [False])
+    save_shard(staging / "shard-old.npz", stale, "old", pool.dim)
 
-    report = index_folder_ray(store, pool, str(photos), shard_size=SHARD, progress=False)
+    report = index_folder(store, pool, str(photos), progress=False)
     assert (report.shards_discarded, report.shards_resumed, report.added) == (1, 0, PHOTOS)
     _assert_same_rows(_rows(store), reference)
 
