@@ -24,10 +24,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pixseek.encoders.captions import read_captions
 from pixseek.encoders.registry import load_captioner, load_encoder
-from pixseek.search.rerank import Fusion, Reranker, candidate_scores, fuse, reranked_ranks
-from pixseek.training.evaluate import embed_captions, embed_image_files, recalls
+from pixseek.search.rerank import Fusion, Reranker, fuse
+from pixseek.training.captions import read_captions
+from pixseek.training.evaluate import (
+    candidate_scores,
+    embed_captions,
+    embed_image_files,
+    recalls,
+    reranked_ranks,
+)
 
 FLICKR = Path("/work/shared/data/flickr8k")
 CACHE = Path("/work/cache/feats")
@@ -37,7 +43,7 @@ DEPTHS = [10, 20, 30, 50]
 
 
 def cached_grids(tower: str, names: list[str]) -> torch.Tensor | None:
-    """Dev rows of bench/lite_features.py's cache of the frozen CNN, when it exists."""
+    """Dev rows of the frozen CNN's cache (pixseek.training.recipes.features), when it exists."""
     path = CACHE / f"{tower}.npy"
     if not path.is_file():
         return None

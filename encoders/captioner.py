@@ -293,7 +293,8 @@ class PixseekCaptioner(Captioner):
     def load(
         cls, path: str | Path | None = None, device: str | torch.device | None = None
     ) -> PixseekCaptioner:
-        """The shipped weights (``path=None``) or a checkpoint of bench/train_captioner.py."""
+        """The shipped weights (``path=None``) or a checkpoint of the captioner recipe
+        (``pixseek.training.recipes.captioner``)."""
         model, vocab, _ = load_checkpoint(path)
         return cls(model, vocab, device)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixseek.encoders.captions import (
+from pixseek.training.captions import (
     CaptionFileError,
     parse_caption_file,
     read_captions,

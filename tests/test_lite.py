@@ -118,7 +118,7 @@ def test_captions_find_their_photos(lite):
     """On 50 Flickr8k dev photos the right photo is usually in the top 5 (chance: 10%)."""
     if not FLICKR.is_dir():
         pytest.skip("Flickr8k not found (set PIXSEEK_FLICKR8K)")
-    from pixseek.encoders.captions import read_captions
+    from pixseek.training.captions import read_captions
     from pixseek.training.evaluate import evaluate_encoder
 
     pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")[:50]

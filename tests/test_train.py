@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import pixseek.training.train as train_module
-from pixseek.encoders.captions import read_captions
 from pixseek.encoders.lite import LiteConfig, LiteEncoder, LiteModel
+from pixseek.training.captions import read_captions
 from pixseek.training.evaluate import evaluate_encoder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from pixseek.encoders.base import EncoderError
-from pixseek.encoders.captions import CaptionFileError, read_captions
 from pixseek.encoders.registry import load_encoder
+from pixseek.training.captions import CaptionFileError, read_captions
 
 _EXPECTED = (EncoderError, CaptionFileError, ValueError, OSError)
 

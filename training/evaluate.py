@@ -13,14 +13,8 @@ from tqdm import tqdm
 
 from pixseek.encoders.base import DualEncoder
 from pixseek.encoders.captioner import Captioner
-from pixseek.encoders.captions import ImageDataset
-from pixseek.search.rerank import (
-    DEFAULT_DEPTH,
-    Fusion,
-    Reranker,
-    candidate_scores,
-    reranked_ranks,
-)
+from pixseek.search.rerank import DEFAULT_DEPTH, Fusion, Reranker, fuse, view_scores
+from pixseek.training.captions import ImageDataset
 
 KS = (1, 5, 10)
 
@@ -130,6 +124,46 @@ def evaluate_encoder(
     return retrieval_metrics(image_emb, text_emb, owner)
 
 
+def candidate_scores(
+    captioner: Captioner,
+    memory: torch.Tensor,
+    texts: Sequence[str],
+    candidates: np.ndarray,
+    progress: bool = False,
+) -> np.ndarray:
+    """Caption scores of each text's candidates: ``candidates[q]`` indexes rows of ``memory``
+    (one per image, views stacked as ``Reranker.memories`` gives them); returns an array shaped
+    like ``candidates``."""
+    out = np.zeros(candidates.shape, dtype=np.float32)
+    for q in tqdm(range(len(texts)), desc="rerank", unit="query", disable=not progress):
+        out[q] = view_scores(captioner, memory[torch.from_numpy(candidates[q])], texts[q])
+    return out
+
+
+def reranked_ranks(
+    similarities: np.ndarray,
+    owner: np.ndarray,
+    candidates: np.ndarray,
+    caption: np.ndarray,
+    fusion: Fusion,
+    depth: int,
+) -> np.ndarray:
+    """Rank (1 = first) of each query's own image once its top ``depth`` are reranked.
+
+    ``similarities`` is (queries, images); ``candidates`` holds each query's images best first
+    by similarity (at least ``depth`` columns) and ``caption`` their caption scores. An image
+    outside the top ``depth`` keeps its vector-search rank.
+    """
+    rows = np.arange(len(owner))
+    plain = 1 + (similarities > similarities[rows, owner][:, None]).sum(1)
+    head = candidates[:, :depth]
+    fused = fuse(np.take_along_axis(similarities, head, 1), caption[:, :depth], fusion)
+    hit = head == owner[:, None]
+    inside = hit.any(1)
+    own = np.where(inside, (fused * hit).sum(1), 0.0)
+    return np.where(inside, 1 + (fused > own[:, None]).sum(1), plain)
+
+
 def rerank_recall(
     encoder: DualEncoder,
     captioner: Captioner,
@@ -140,7 +174,7 @@ def rerank_recall(
     progress: bool = False,
 ) -> dict[str, float]:
     """Text->image Recall@1/5/10 (percent) with each caption's top ``depth`` reranked, on
-    (image path, captions) pairs as ``encoders.captions.read_captions`` gives them."""
+    (image path, captions) pairs as ``training.captions.read_captions`` gives them."""
     texts = [caption for _, captions in pairs for caption in captions]
     owner = np.array([i for i, (_, captions) in enumerate(pairs) for _ in captions])
     paths = [p for p, _ in pairs]

@@ -1,16 +1,13 @@
-"""Research and training script behind the shipped pixseek-lite weights (Flickr8k train -> dev).
+"""The recipe of ``data/pixseek-lite.pt``: train pixseek-lite on Flickr8k train, choose on dev.
 
-Needs the caches written by ``bench/lite_features.py`` (frozen CNN maps, MiniLM hidden states);
-each run trains one variant from them, prints dev text->image / image->text recall and appends a
-JSON line to /work/cache/logs/variants.jsonl. Examples (the shipped model is the last one):
+Trains from the frozen towers' outputs cached by :mod:`pixseek.training.recipes.features`
+(made on the first run into ``--cache``, reused after); each run trains one variant, prints dev
+text->image / image->text recall and appends a JSON line to ``CACHE/variants.jsonl``. The
+shipped weights (data/MODEL_CARD.md; the other variants: BENCHMARKS.md):
 
-    python bench/train_lite.py --tower mobilenet_v2 --pool mean --text-layers 0 --epochs 10
-    python bench/train_lite.py --tower efficientnet_lite0 --pool mean --text-layers 0 --epochs 10
-    python bench/lite_features.py images --blocks 14 [--flip]   # caches for --tower-blocks
-    python bench/train_lite.py --pool mean --text-layers 1 --tower-blocks 2 --flip --epochs 10
-    python bench/lite_features.py images --blocks 14 --crop K --stop 6000   # K = 0..11
-    python bench/train_lite.py --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 12 \
-        --epochs 20 --lr 3e-3 --eval-every 4 --ema 0.98 0.99 0.995 --save data/pixseek-lite.pt
+    python -m pixseek.training.recipes.lite --data FLICKR8K --cache CACHE \
+        --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 12 --epochs 20 --lr 3e-3 \
+        --dropout 0.1 --eval-every 4 --ema 0.98 0.99 0.995 --threads 2 --save data/pixseek-lite.pt
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
@@ -25,26 +22,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lite_features import view_suffixes
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pixseek.encoders.base import EncoderError
 from pixseek.encoders.lite import LiteConfig, LiteModel, save_checkpoint
+from pixseek.training.captions import read_split
 from pixseek.training.evaluate import KS, retrieval_metrics
+from pixseek.training.recipes.features import (
+    add_folder_arguments,
+    caption_cache,
+    image_cache,
+    training_views,
+)
 from pixseek.training.train import build_optimizer, contrastive_step, cosine_schedule, embed_batches
 
-CACHE = Path("/work/cache/feats")
-LOG = Path("/work/cache/logs/variants.jsonl")
-N_TRAIN = 6000  # images.txt lists the 6000 train images first, then the 1000 dev images
-CUT = 14  # mobilenet_v2_b14*.npy hold MobileNetV2's map before its block 14
+CUT = 14  # with tuned CNN blocks, the cache holds MobileNetV2's map before its block 14
 
 
 class CachedCaptions:
     """Packed MiniLM hidden states -> padded batches the text tower's upper layers take."""
 
-    def __init__(self, depth: int) -> None:
-        self.tokens = torch.from_numpy(np.load(CACHE / f"minilm_lower{depth}.npy"))
-        self.offsets = np.load(CACHE / "minilm_offsets.npy")
-        self.owner = np.load(CACHE / "caption_image.npy")
+    def __init__(self, states: Path, offsets: Path, owners: Path) -> None:
+        self.tokens = torch.from_numpy(np.load(states))
+        self.offsets = np.load(offsets)
+        self.owner = np.load(owners)
 
     def batch(self, captions: np.ndarray) -> dict[str, torch.Tensor]:
         lengths = self.offsets[captions + 1] - self.offsets[captions]
@@ -56,15 +57,16 @@ class CachedCaptions:
         return {"hidden": hidden, "attention_mask": mask}
 
 
-def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions) -> dict:
+def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions, n_train: int) -> dict:
+    """Recall on the dev photos (the image rows after the ``n_train`` train ones)."""
     model.eval()
-    dev_caps = np.flatnonzero(texts.owner >= N_TRAIN)
+    dev_caps = np.flatnonzero(texts.owner >= n_train)
     cpu = torch.device("cpu")
     image_emb = embed_batches(lambda a, b: model.encode_grid(grids[a:b]), len(grids), 250, cpu)
     text_emb = embed_batches(
         lambda a, b: model.encode_text(texts.batch(dev_caps[a:b])), len(dev_caps), 500, cpu
     )
-    return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - N_TRAIN).to_dict()
+    return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - n_train).to_dict()
 
 
 def recall(metrics: dict, direction: str) -> str:
@@ -73,6 +75,7 @@ def recall(metrics: dict, direction: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_folder_arguments(p)
     p.add_argument("--tower", default="mobilenet_v2")
     p.add_argument("--pool", default="attention", choices=["attention", "mean"])
     p.add_argument("--text-layers", type=int, default=1, help="MiniLM layers tuned (0 = frozen)")
@@ -90,9 +93,9 @@ def main() -> None:
         "--crops",
         type=int,
         default=0,
-        help="also train on N random-crop views (lite_features.py images --crop K; train rows)",
+        help="also train on N random-crop views of the train photos",
     )
-    p.add_argument("--epochs", type=int, default=10, help="passes over the 6000 train images")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the train images")
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per pass")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -101,7 +104,6 @@ def main() -> None:
     p.add_argument(
         "--train-limit",
         type=int,
-        default=N_TRAIN,
         help="train on the first N train images only (quick tower comparisons)",
     )
     p.add_argument(
@@ -123,21 +125,24 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    config = LiteConfig(
-        tower=args.tower,
-        dim=args.dim,
-        pool=args.pool,
-        width=args.width,
-        dropout=args.dropout,
-        text_trainable_layers=args.text_layers,
-        tower_trainable_blocks=args.tower_blocks,
-    )
+    try:
+        config = LiteConfig(
+            tower=args.tower,
+            dim=args.dim,
+            pool=args.pool,
+            width=args.width,
+            dropout=args.dropout,
+            text_trainable_layers=args.text_layers,
+            tower_trainable_blocks=args.tower_blocks,
+        )
+    except EncoderError as exc:
+        p.error(str(exc))
     model = LiteModel(config)
-    suffix = f"_b{CUT}" if args.tower_blocks else ""
+    blocks = CUT if args.tower_blocks else None
     # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
     maps = [
-        torch.from_numpy(np.load(CACHE / f"{args.tower}{suffix}{view}.npy"))
-        for view in view_suffixes(args.flip, args.crops)
+        torch.from_numpy(np.load(image_cache(args.data, args.cache, args.tower, view, blocks)))
+        for view in training_views(args.flip, args.crops)
     ]
     if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
         frozen = model.frozen_blocks[CUT:]
@@ -146,9 +151,10 @@ def main() -> None:
                 torch.cat([frozen(m[i : i + 500].float()).half() for i in range(0, len(m), 500)])
                 for m in maps
             ]
-    dev_grids = maps[0][N_TRAIN:]
-    texts = CachedCaptions(6 - args.text_layers)
-    n_train = args.train_limit
+    train_photos = len(read_split(args.data / "train.txt"))
+    dev_grids = maps[0][train_photos:]
+    texts = CachedCaptions(*caption_cache(args.data, args.cache, 6 - args.text_layers))
+    n_train = min(args.train_limit or train_photos, train_photos)
     caps_of = [[] for _ in range(n_train)]
     for c in np.flatnonzero(texts.owner < n_train):
         caps_of[texts.owner[c]].append(c)
@@ -186,10 +192,10 @@ def main() -> None:
                 average.update_parameters(model)
         line = f"epoch {epoch + 1} loss {np.mean(losses):.3f} {time.time() - start:.0f}s"
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            m = dev_metrics(model, dev_grids, texts)
+            m = dev_metrics(model, dev_grids, texts, train_photos)
             line += f" dev t2i {recall(m, 't2i')} i2t {recall(m, 'i2t')}"
             for name, average in averages.items():
-                m[name] = dev_metrics(average.module, dev_grids, texts)
+                m[name] = dev_metrics(average.module, dev_grids, texts, train_photos)
                 line += f" {name} t2i {recall(m[name], 't2i')}"
             history.append({"epoch": epoch + 1, **m})
         print(line, flush=True)
@@ -201,8 +207,7 @@ def main() -> None:
         "dev": history[-1],
         "history": history,
     }
-    LOG.parent.mkdir(parents=True, exist_ok=True)
-    with LOG.open("a") as f:
+    with (args.cache / "variants.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     if args.save:
         # The raw weights or one of their averages: whichever ends best on dev text->image R@1.
@@ -210,7 +215,7 @@ def main() -> None:
         final = {"raw": last, **{n: {"epoch": last["epoch"], **last[n]} for n in averages}}
         kept = max(final, key=lambda n: final[n]["t2i_r1"])
         meta = {
-            "trained_on": "Flickr8k train (6000 images, 30000 captions)",
+            "trained_on": f"Flickr8k train ({n_train} images, {sum(map(len, caps_of))} captions)",
             "weights": kept,
             "dev": {k: v for k, v in final[kept].items() if k not in averages},
             "args": record["args"],

@@ -5,16 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 # CLIP clamps the learned logit scale at 100 (temperature 0.01): beyond it training turns unstable.
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def init_logit_scale(temperature: float = 0.07) -> nn.Parameter:
-    """The learnable log inverse temperature, starting at CLIP's 0.07."""
-    return nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
 
 def clip_loss(

@@ -1,14 +1,15 @@
-"""Train the shipped captioner (data/pixseek-captioner.pt) on Flickr8k train, from cached features.
+"""The recipe of ``data/pixseek-captioner.pt``: train the captioner on Flickr8k train.
 
 The CNN tower is frozen while the decoder trains, so its 7x7 maps are computed once from the
-caches of bench/lite_features.py (with ``--tower-from``, through the blocks a pixseek-lite
-checkpoint tuned, which the captioner then carries) and only the decoder trains: token-level
-cross-entropy with teacher forcing. The epoch with the lowest dev cross-entropy is kept.
-Reproducible (seeded). The shipped weights came from three runs (data/CAPTIONER_CARD.md), the
-last one:
+caches of :mod:`pixseek.training.recipes.features` (made on first use into ``--cache``; with
+``--tower-from``, through the blocks a pixseek-lite checkpoint tuned, which the captioner then
+carries) and only the decoder trains: token-level cross-entropy with teacher forcing. The epoch
+with the lowest dev cross-entropy is kept. Reproducible (seeded). The shipped weights came from
+four runs, each continuing the one before (data/CAPTIONER_CARD.md), the last one:
 
-    python bench/train_captioner.py --init RUN2.pt --tower-from data/pixseek-lite.pt \
-        --flip --crops 6 --epochs 4 --lr 5e-4 --threads 2 --out data/pixseek-captioner.pt
+    python -m pixseek.training.recipes.captioner --data FLICKR8K --cache CACHE --init RUN3.pt \
+        --tower-from data/pixseek-lite.pt --flip --crops 12 --epochs 4 --lr 5e-4 --threads 2 \
+        --out data/pixseek-captioner.pt
 
 One thread by default: on a busy 2-core CPU a second thread made each step 2-4x slower; on a
 quiet one, two threads are faster.
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lite_features import view_suffixes
 from torch import nn
 
 from pixseek.encoders.captioner import (
@@ -40,11 +40,15 @@ from pixseek.encoders.captioner import (
     load_wordpiece,
     save_checkpoint,
 )
-from pixseek.encoders.captions import parse_caption_file
 from pixseek.encoders.lite import TOWERS, InferenceTower, LiteModel, load_model
-
-FLICKR = Path("/work/shared/data/flickr8k")
-CACHE = Path("/work/cache/feats")
+from pixseek.training.captions import parse_caption_file, read_split
+from pixseek.training.recipes.features import (
+    View,
+    add_folder_arguments,
+    image_cache,
+    image_names,
+    training_views,
+)
 
 
 def build_vocab(token_lists: list[list[int]], min_count: int, tokenizer) -> list[int]:
@@ -69,14 +73,16 @@ def encode(token_lists: list[list[int]], vocab: list[int], max_tokens: int) -> l
     ]
 
 
-def tower_maps(tower: str, lite: LiteModel | None, view: str, out: np.ndarray) -> None:
+def tower_maps(
+    data: Path, cache: Path, tower: str, lite: LiteModel | None, view: View, out: np.ndarray
+) -> None:
     """Fill ``out`` with the cached frozen-tower maps of one view, through ``lite``'s tuned
     blocks if given."""
     if lite is None:
-        out[:] = np.load(CACHE / f"{tower}{view}.npy", mmap_mode="r")
+        out[:] = np.load(image_cache(data, cache, tower, view), mmap_mode="r")
         return
     cut = lite.tower_split
-    lower = np.load(CACHE / f"{tower}_b{cut}{view}.npy", mmap_mode="r")
+    lower = np.load(image_cache(data, cache, tower, view, blocks=cut), mmap_mode="r")
     top = InferenceTower(lite.backbone[cut:], torch.device("cpu"))
     for i in range(0, len(lower), 256):
         out[i : i + 256] = top(torch.from_numpy(np.array(lower[i : i + 256])).float()).half()
@@ -124,8 +130,11 @@ def dev_loss(model, grids, rows, seqs, size: int = 256) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("data/pixseek-captioner.pt"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_folder_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="write the checkpoint here")
     parser.add_argument("--tower", default="mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
@@ -143,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--tower-from",
         type=Path,
-        help="read the map of this pixseek-lite checkpoint's tuned tower (needs the _b14 caches)",
+        help="read the map of this pixseek-lite checkpoint's tuned tower",
     )
     parser.add_argument("--crops", type=int, default=0, help="also train on N random-crop views")
     args = parser.parse_args()
@@ -151,18 +160,19 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    names = (CACHE / "images.txt").read_text().split()
+    names = image_names(args.data)
     row_of = {n: i for i, n in enumerate(names)}
-    train_names = (FLICKR / "train.txt").read_text().split()
-    dev_names = (FLICKR / "dev.txt").read_text().split()
+    train_names = read_split(args.data / "train.txt")
+    dev_names = read_split(args.data / "dev.txt")
     lite = load_model(args.tower_from)[0] if args.tower_from else None
-    views = view_suffixes(args.flip, args.crops)
+    views = training_views(args.flip, args.crops)
     # Row n + 7000 v is image n seen in view v (centre crop, mirrored, random crops; crops fill
     # train rows only). 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
     grids = np.empty((len(views) * len(names), TOWERS[args.tower][2], 7, 7), dtype=np.float16)
     for v, view in enumerate(views):
-        tower_maps(args.tower, lite, view, grids[v * len(names) : (v + 1) * len(names)])
-    captions = parse_caption_file(FLICKR / "captions.tsv")
+        rows = grids[v * len(names) : (v + 1) * len(names)]
+        tower_maps(args.data, args.cache, args.tower, lite, view, rows)
+    captions = parse_caption_file(args.data / "captions.tsv")
     tokenizer = load_wordpiece()
 
     def split(split_names: list[str]) -> tuple[np.ndarray, list[list[int]]]:
@@ -204,7 +214,7 @@ def main() -> None:
 
     steps_per_epoch = math.ceil(len(train_seqs) / args.batch)
     total = args.epochs * steps_per_epoch
-    warmup = min(500, total // 10)
+    warmup = max(1, min(500, total // 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
     def rate(s: int) -> float:  # linear warm-up, cosine decay to zero
@@ -249,7 +259,8 @@ def main() -> None:
                 vocab,
                 args.out,
                 meta={
-                    "trained_on": "flickr8k train.txt (6000 images, 30000 captions)",
+                    "trained_on": f"flickr8k train.txt ({len(train_names)} images, "
+                    f"{len(train_seqs)} captions)",
                     "epoch": epoch,
                     "dev_loss": dev,
                     "history": history,

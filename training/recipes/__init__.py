@@ -1,0 +1,9 @@
+"""How each shipped weight file in ``data/`` was made: one module per file, run with ``python -m``.
+
+- :mod:`.mobilenet`: ``mobilenet_v2-imagenet-features.pt``, MobileNetV2's ImageNet weights.
+- :mod:`.lite`: ``pixseek-lite.pt``, trained on Flickr8k (data/MODEL_CARD.md).
+- :mod:`.captioner`: ``pixseek-captioner.pt``, trained on Flickr8k (data/CAPTIONER_CARD.md).
+
+The last two read the Flickr8k folder (``--data``) through caches of the frozen towers' outputs
+(``--cache``, :mod:`.features`). The cards name the exact commands.
+"""
