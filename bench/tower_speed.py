@@ -1,7 +1,7 @@
 """Images/s of the frozen CNN towers on pre-decoded tensors (the indexing cost of pixseek-lite).
 
 Towers run interleaved, batch by batch, so load from other processes hits them alike. Each
-tower runs as built (eager) and as ``pixseek.encoders.lite.InferenceTower`` (batch norm folded,
+tower runs as built (eager) and as ``pixseek.encoders.towers.InferenceTower`` (batch norm folded,
 channels-last, chunks of at most ``CPU_CHUNK`` images on a CPU), which is what indexing and
 reranking use; ``--chunks`` adds the inference tower at other chunk sizes. Page faults per
 image are counted too: a buffer glibc serves from a fresh mmap is faulted in page by page.
@@ -19,19 +19,19 @@ from collections.abc import Callable
 
 import torch
 
-from pixseek.encoders import lite
-from pixseek.encoders.lite import InferenceTower, build_backbone
+from pixseek.encoders import towers as tower_module
+from pixseek.encoders.towers import InferenceTower, build_backbone
 
 
 def chunked(tower: InferenceTower, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The tower run in chunks of ``size`` (the module constant it reads on each call)."""
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
-        default, lite.CPU_CHUNK = lite.CPU_CHUNK, size
+        default, tower_module.CPU_CHUNK = tower_module.CPU_CHUNK, size
         try:
             return tower(pixels)
         finally:
-            lite.CPU_CHUNK = default
+            tower_module.CPU_CHUNK = default
 
     return run
 
@@ -52,9 +52,9 @@ def main() -> None:
         if not args.skip_eager:
             towers[name] = eager
         inference = InferenceTower(eager, torch.device("cpu"))
-        towers[f"{name} (inference, chunks of {lite.CPU_CHUNK})"] = inference
+        towers[f"{name} (inference, chunks of {tower_module.CPU_CHUNK})"] = inference
         for size in args.chunks:
-            if size != lite.CPU_CHUNK:
+            if size != tower_module.CPU_CHUNK:
                 towers[f"{name} (inference, chunks of {size})"] = chunked(inference, size)
     pixels = torch.randn(args.batch, 3, 224, 224)
     spent = dict.fromkeys(towers, 0.0)

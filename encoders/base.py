@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -21,6 +22,17 @@ class EncoderError(RuntimeError):
 def shipped(name: str) -> Path:
     """A weights file shipped in the package (``pixseek.data``), in a checkout or installed."""
     return Path(str(resources.files("pixseek.data").joinpath(name)))
+
+
+def package_dir(package: str) -> Path:
+    """Where an installed weights package lives, without importing its (possibly chatty) code."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderError(
+            f"the Python package {package!r} is missing; install it with "
+            f"`pip install {package.replace('_', '-')}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,15 +27,18 @@ from .base import (
     read_checkpoint,
     shipped,
 )
-from .lite import (
+from .minilm import load_tokenizer
+from .towers import (
+    IMAGE_SIZE,
     SEQUENTIAL_TOWERS,
     TOWERS,
     InferenceTower,
-    LiteConfig,
-    LiteModel,
     build_backbone,
     image_transform,
 )
+
+if TYPE_CHECKING:
+    from .lite_model import LiteModel
 
 DEFAULT_WEIGHTS = "pixseek-captioner.pt"
 CHECKPOINT_FORMAT = "pixseek-captioner/1"
@@ -171,7 +174,7 @@ class CaptionerConfig:
     dropout: float = 0.1
     max_tokens: int = 32
     grid_tokens: int = 49  # 7 x 7 at 224 px
-    image_size: int = 224
+    image_size: int = IMAGE_SIZE
     tower_blocks: int = 0  # the CNN's last blocks as a pixseek-lite tuned them, carried here
 
     def __post_init__(self) -> None:
@@ -253,13 +256,6 @@ class CaptionDecoder(nn.Module):
         return x @ self.tokens.weight.T
 
 
-def load_wordpiece():
-    """MiniLM's WordPiece tokenizer (installed with pixseek-lite's text tower; no hub access)."""
-    from .lite import load_tokenizer
-
-    return load_tokenizer()
-
-
 class PixseekCaptioner(Captioner):
     """The shipped captioner: pixseek-lite's CNN tower + CaptionDecoder.
 
@@ -278,10 +274,9 @@ class PixseekCaptioner(Captioner):
         self.device = pick_device(str(device) if device is not None else None)
         self.config = model.config
         self.model = model.to(self.device).eval()
-        tower = LiteConfig(tower=self.config.tower, image_size=self.config.image_size)
-        self.preprocess = image_transform(tower)
+        self.preprocess = image_transform(self.config.image_size)
         self._tower: InferenceTower | None = None
-        self.tokenizer = load_wordpiece()
+        self.tokenizer = load_tokenizer()
         self.vocab = torch.tensor(list(vocab), dtype=torch.long)
         self.lookup = torch.full((len(self.tokenizer),), UNK, dtype=torch.long)
         self.lookup[self.vocab] = torch.arange(len(self.vocab))

@@ -19,12 +19,13 @@ from pixseek.encoders.captioner import (
     CaptionerConfig,
     PixseekCaptioner,
     clean_caption,
-    load_wordpiece,
     save_checkpoint,
 )
 from pixseek.encoders.coca import CocaCaptioner
-from pixseek.encoders.lite import LiteConfig, LiteModel, build_backbone, image_transform, normalise
+from pixseek.encoders.lite_model import LiteConfig, LiteModel
+from pixseek.encoders.minilm import load_tokenizer
 from pixseek.encoders.registry import load_captioner
+from pixseek.encoders.towers import build_backbone, image_transform, normalise
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
@@ -35,7 +36,7 @@ CAPTIONS = {"red": "a red square on grey", "blue": "a blue circle on grey", "gre
 
 def tiny_captioner(texts: list[str], seed: int = 0) -> PixseekCaptioner:
     """A small random decoder over the tiny test CNN, its vocabulary the words of ``texts``."""
-    tokenizer = load_wordpiece()
+    tokenizer = load_tokenizer()
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     specials = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id]
     vocab = [*specials, tokenizer.unk_token_id, *sorted({i for row in ids for i in row})]
@@ -148,7 +149,7 @@ def test_captioner_reads_the_map_of_the_dual_encoders_tuned_tower(tmp_path: Path
     with torch.no_grad():  # as if training had tuned the last conv + batch norm + ReLU
         for param in lite.backbone[lite.tower_split :].parameters():
             param.add_(torch.randn_like(param) * 0.5)
-    pixels = torch.stack([image_transform(lite.config)(solid(c)) for c in COLOURS])
+    pixels = torch.stack([image_transform(lite.config.image_size)(solid(c)) for c in COLOURS])
     with torch.no_grad():
         tuned_map = lite.backbone.eval()(normalise(pixels, "tiny"))
     vocab = tiny_captioner(["a red square"]).vocab.tolist()

@@ -10,12 +10,11 @@ from PIL import Image
 from torchvision import transforms
 
 from pixseek.encoders.base import EncoderError, shipped
-from pixseek.encoders.lite import (
-    DEFAULT_WEIGHTS,
+from pixseek.encoders.lite import LiteEncoder
+from pixseek.encoders.lite_checkpoint import DEFAULT_WEIGHTS
+from pixseek.encoders.towers import (
     TOWERS,
     InferenceTower,
-    LiteConfig,
-    LiteEncoder,
     build_backbone,
     image_transform,
     normalise,
@@ -61,13 +60,12 @@ def test_towers_see_the_pixels_torchvision_normalises_photo_by_photo(tower):
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (240, 300, 3), np.uint8))
         for seed in range(3)
     ]
-    config = LiteConfig(tower=tower)
-    pixels = torch.stack([image_transform(config)(photo) for photo in photos])
+    pixels = torch.stack([image_transform()(photo) for photo in photos])
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 224, 224)
     mean, std, _ = TOWERS[tower]
     per_photo = transforms.Compose(
         [
-            *image_transform(config).transforms[:2],
+            *image_transform().transforms[:2],
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]

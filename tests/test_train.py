@@ -7,7 +7,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import pixseek.training.train as train_module
-from pixseek.encoders.lite import LiteConfig, LiteEncoder, LiteModel
+from pixseek.encoders.lite import LiteEncoder
+from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.training.captions import read_captions
 from pixseek.training.evaluate import evaluate_encoder
 

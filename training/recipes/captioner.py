@@ -37,10 +37,12 @@ from pixseek.encoders.captioner import (
     CaptionerConfig,
     clean_caption,
     load_checkpoint,
-    load_wordpiece,
     save_checkpoint,
 )
-from pixseek.encoders.lite import TOWERS, InferenceTower, LiteModel, load_model
+from pixseek.encoders.lite_checkpoint import load_model
+from pixseek.encoders.lite_model import LiteModel
+from pixseek.encoders.minilm import load_tokenizer
+from pixseek.encoders.towers import TOWERS, InferenceTower
 from pixseek.training.captions import parse_caption_file, read_split
 from pixseek.training.recipes.features import (
     View,
@@ -173,7 +175,7 @@ def main() -> None:
         rows = grids[v * len(names) : (v + 1) * len(names)]
         tower_maps(args.data, args.cache, args.tower, lite, view, rows)
     captions = parse_caption_file(args.data / "captions.tsv")
-    tokenizer = load_wordpiece()
+    tokenizer = load_tokenizer()
 
     def split(split_names: list[str]) -> tuple[np.ndarray, list[list[int]]]:
         pairs = [(row_of[n], clean_caption(c)) for n in split_names for c in captions[n]]

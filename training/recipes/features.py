@@ -24,14 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from pixseek.encoders.lite import (
-    InferenceTower,
-    LiteConfig,
-    TextTower,
-    build_backbone,
-    image_transform,
-    load_tokenizer,
-)
+from pixseek.encoders.lite_model import LiteConfig, TextTower
+from pixseek.encoders.minilm import load_tokenizer
+from pixseek.encoders.towers import IMAGE_SIZE, InferenceTower, build_backbone, image_transform
 from pixseek.training.captions import read_captions, read_split
 
 LAYOUT = ("images", "captions.tsv", "train.txt", "dev.txt")
@@ -110,16 +105,15 @@ class Photos(Dataset):
         return pixels.flip(-1) if self.flip else pixels
 
 
-def crop_transform(tower: str) -> transforms.Compose:
+def crop_transform() -> transforms.Compose:
     """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view, then
     the uint8 conversion of image_transform. No colour jitter: captions name colours.
     """
-    config = LiteConfig(tower=tower)
-    _, _, *to_pixels = image_transform(config).transforms  # after resize + crop
+    _, _, *to_pixels = image_transform().transforms  # after resize + crop
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
-                config.image_size,
+                IMAGE_SIZE,
                 scale=(0.4, 1.0),
                 interpolation=transforms.InterpolationMode.BICUBIC,
             ),
@@ -156,8 +150,8 @@ def _cache_images(data: Path, path: Path, tower: str, view: View, blocks: int | 
     if blocks is not None:
         backbone = backbone[:blocks]
     backbone = InferenceTower(backbone, torch.device("cpu"), tower)  # same maps, ~4x faster
-    centre = image_transform(LiteConfig(tower=tower))
-    preprocess = centre if view.crop is None else crop_transform(tower)
+    centre = image_transform()
+    preprocess = centre if view.crop is None else crop_transform()
     first = backbone(centre(Image.open(data / "images" / names[0]).convert("RGB"))[None])
     partial = path.with_name(path.name + ".partial")
     out = np.lib.format.open_memmap(

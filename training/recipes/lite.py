@@ -25,7 +25,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pixseek.encoders.base import EncoderError
-from pixseek.encoders.lite import LiteConfig, LiteModel, save_checkpoint
+from pixseek.encoders.lite_checkpoint import save_checkpoint
+from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.training.captions import read_split
 from pixseek.training.evaluate import KS, retrieval_metrics
 from pixseek.training.recipes.features import (
