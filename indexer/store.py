@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -148,7 +150,7 @@ def _stored_version(db_path: Path) -> int | None:
     """The library format recorded in a database, or None for a new (empty) one."""
     if not db_path.exists():
         return None
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db:  # sqlite3's own `with` does not close
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
         if "settings" not in tables:
             return None
@@ -158,7 +160,7 @@ def _stored_version(db_path: Path) -> int | None:
 
 def _ddl(*tables) -> list[str]:
     """CREATE statements for tables and their indexes, as SQLAlchemy would emit them."""
-    dialect = create_engine("sqlite://").dialect
+    dialect = sqlite.dialect()
     statements = []
     for table in tables:
         statements.append(str(CreateTable(table).compile(dialect=dialect)))
