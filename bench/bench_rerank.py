@@ -1,13 +1,17 @@
 """Reranking with the captioner on Flickr8k dev: recall with and without, fusion weights, latency,
 and a compositional check on drawn shapes.
 
-    python bench/bench_rerank.py dev [--model pixseek-lite] [--captioner pixseek-captioner]
-    python bench/bench_rerank.py latency
+    python bench/bench_rerank.py dev --data FLICKR8K --cache CACHE [--model pixseek-lite]
+    python bench/bench_rerank.py latency --data FLICKR8K [--depth 30]
     python bench/bench_rerank.py shapes
+
+``--data`` is the Flickr8k folder; ``--cache`` is the recipes' feature cache folder
+(pixseek.training.recipes.features), where ``dev`` reads the frozen CNN's maps when present and
+keeps the captioner's scores in a ``captioner/`` subfolder.
 
 ``dev``: text->image over the 1000 dev photos with all 5000 dev captions as queries. Each query's
 top ``--depth`` candidates by similarity are scored by the captioner (scores cached under
-/work/cache/captioner/), then ``score = a * similarity + b * caption log-likelihood per token``
+CACHE/captioner/), then ``score = a * similarity + b * caption log-likelihood per token``
 is swept over b (a = 1) and depth; the chosen pair maximises Recall@1 among those that keep
 Recall@10 at least the vector search's. Markdown tables go to stdout.
 """
@@ -34,26 +38,24 @@ from pixseek.training.evaluate import (
     recalls,
     reranked_ranks,
 )
+from pixseek.training.recipes.features import add_folder_arguments, flickr8k_folder
 
-FLICKR = Path("/work/shared/data/flickr8k")
-CACHE = Path("/work/cache/feats")
-SCORES = Path("/work/cache/captioner")
 WEIGHTS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 2.0]
 DEPTHS = [10, 20, 30, 50]
 
 
-def cached_grids(tower: str, names: list[str]) -> torch.Tensor | None:
+def cached_grids(cache: Path, tower: str, names: list[str]) -> torch.Tensor | None:
     """Dev rows of the frozen CNN's cache (pixseek.training.recipes.features), when it exists."""
-    path = CACHE / f"{tower}.npy"
+    path = cache / f"{tower}.npy"
     if not path.is_file():
         return None
-    row = {n: i for i, n in enumerate((CACHE / "images.txt").read_text().split())}
+    row = {n: i for i, n in enumerate((cache / "images.txt").read_text().split())}
     feats = np.load(path, mmap_mode="r")
     return torch.from_numpy(np.stack([feats[row[n]] for n in names]).astype(np.float32))
 
 
 def dev(args: argparse.Namespace) -> None:
-    pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")
+    pairs = read_captions(args.data / "captions.tsv", args.data / "images", args.data / "dev.txt")
     names = [p.name for p, _ in pairs]
     texts = [c for _, cs in pairs for c in cs][: args.queries]
     owner = np.array([i for i, (_, cs) in enumerate(pairs) for _ in cs])[: args.queries]
@@ -62,7 +64,7 @@ def dev(args: argparse.Namespace) -> None:
     config = getattr(encoder, "config", None)
     # The cache holds the CNN's last map: the grid of a model whose blocks are all frozen.
     frozen = config is not None and not getattr(config, "tower_trainable_blocks", 0)
-    grids = cached_grids(config.tower, names) if frozen else None
+    grids = cached_grids(args.cache, config.tower, names) if frozen else None
     start = time.time()
     if grids is not None:
         image_emb = np.concatenate([encoder.embed_grid(g) for g in grids.split(100)])
@@ -77,7 +79,7 @@ def dev(args: argparse.Namespace) -> None:
         f"{encoder.model_id}|{captioner.model_id}|{len(texts)}|{max(DEPTHS)}|mirror".encode(),
         digest_size=6,
     ).hexdigest()
-    cache = SCORES / f"dev_caption_scores_{key}.npy"
+    cache = args.cache / "captioner" / f"dev_caption_scores_{key}.npy"
     if cache.is_file():
         caption = np.load(cache)
     else:
@@ -85,7 +87,7 @@ def dev(args: argparse.Namespace) -> None:
         # Each photo and its mirror image, as search reranks them.
         memory = torch.stack(Reranker(captioner).memories([str(p) for p, _ in pairs], strict=True))
         caption = candidate_scores(captioner, memory, texts, cands, progress=True)
-        SCORES.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, caption)
         print(f"caption scores in {time.time() - start:.0f}s -> {cache}")
 
@@ -115,7 +117,7 @@ def dev(args: argparse.Namespace) -> None:
 def latency(args: argparse.Namespace) -> None:
     """Wall time of Reranker.rerank on 50 real photos: cold (decode + CNN + decoder), warm."""
     torch.set_num_threads(args.threads)
-    pairs = read_captions(FLICKR / "captions.tsv", FLICKR / "images", FLICKR / "dev.txt")
+    pairs = read_captions(args.data / "captions.tsv", args.data / "images", args.data / "dev.txt")
     captioner = load_captioner(args.captioner)
     rng = np.random.default_rng(0)
     print(f"| {captioner.model_id}, torch threads {torch.get_num_threads()} | cold s | warm s |")
@@ -207,15 +209,23 @@ def shapes(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["dev", "latency", "shapes"])
-    parser.add_argument("--model", default="pixseek-lite")
-    parser.add_argument("--captioner", default="pixseek-captioner")
-    parser.add_argument("--queries", type=int, default=5000)
-    parser.add_argument("--depth", type=int, default=50, help="latency: candidates per rerank")
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--b", type=float, default=0.1, help="shapes: the caption weight")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="pixseek-lite")
+    common.add_argument("--captioner", default="pixseek-captioner")
+    common.add_argument("--threads", type=int, default=2)
+    commands = parser.add_subparsers(dest="what", required=True)
+    dev_parser = commands.add_parser("dev", parents=[common], help="recall and the fusion sweep")
+    add_folder_arguments(dev_parser)
+    dev_parser.add_argument("--queries", type=int, default=5000)
+    latency_parser = commands.add_parser("latency", parents=[common], help="rerank wall time")
+    latency_parser.add_argument("--data", type=flickr8k_folder, required=True, help="Flickr8k")
+    latency_parser.add_argument("--depth", type=int, default=50, help="candidates per rerank")
+    latency_parser.add_argument("--trials", type=int, default=5)
+    shapes_parser = commands.add_parser("shapes", parents=[common], help="drawn shape pairs")
+    shapes_parser.add_argument("--b", type=float, default=0.1, help="the caption weight")
     args = parser.parse_args()
     if args.what != "latency":
         torch.set_num_threads(args.threads)
