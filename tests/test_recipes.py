@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from pixseek.encoders.captioner import PixseekCaptioner
 from pixseek.encoders.lite import LiteEncoder
-from pixseek.training.recipes import captioner, lite, mobilenet
+from pixseek.training.recipes import captioner, captioner_chain, lite, mobilenet
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
@@ -72,6 +72,47 @@ def test_lite_and_captioner_recipes_write_weights_the_product_loads(
     model = PixseekCaptioner.load(out, "cpu")
     assert model.config.tower_blocks == 1
     assert isinstance(model.caption_images([Image.open(flickr / "images" / "0_red.jpg")])[0], str)
+
+
+def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
+    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "captioner.pt"
+    work = cache / "captioner-chain"
+    folders = ["--data", str(flickr), "--cache", str(cache), "--out", str(out)]
+    captioner_chain.main([*folders, "--dry-run"])
+    commands = capsys.readouterr().out.splitlines()
+    assert [c.split()[2] for c in commands] == [
+        f"pixseek.training.recipes.{r}" for r in ("captioner",) * 2 + ("lite",) + ("captioner",) * 2
+    ]
+    assert commands[-1].endswith(
+        f"--init {work / 'run3.pt'} --tower-from {captioner_chain.shipped('pixseek-lite.pt')} "
+        f"--flip --crops 12 --epochs 4 --lr 5e-4 --threads 2 --out {out}"
+    )
+    assert not cache.exists()  # a dry run makes nothing
+
+    # The card's steps on the tiny tower, shortened by extra arguments (the later flag wins).
+    small = "--tower tiny --threads 1 --crops 1 --epochs 1 --batch 4"
+    tiny = [
+        "--lite", str(work / "lite-k.pt"),
+        "--captioner-args", f"{small} --min-count 1",
+        "--lite-args", f"{small} --tower-blocks 1 --eval-every 1",
+    ]  # fmt: skip
+    captioner_chain.main([*folders, *tiny])
+    assert sorted(p.name for p in work.iterdir()) == ["lite-k.pt", "run1.pt", "run2.pt", "run3.pt"]
+    assert PixseekCaptioner.load(out, "cpu").config.tower_blocks == 1
+
+    before = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    (work / "run3.pt").unlink()  # as if the chain had stopped during run 3
+    capsys.readouterr()
+    captioner_chain.main([*folders, *tiny])
+    printed = capsys.readouterr().out
+    assert "step 1/5" in printed and "is there, not run again" in printed
+    after = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    assert {k: after[k] for k in ("run1.pt", "run2.pt", "lite-k.pt")} == {
+        k: before[k] for k in ("run1.pt", "run2.pt", "lite-k.pt")
+    }
+    assert (work / "run3.pt").is_file() and not list(work.glob("*.partial"))
 
 
 def test_a_recipe_refuses_a_folder_without_flickr8k_layout(

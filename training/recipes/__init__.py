@@ -2,7 +2,8 @@
 
 - :mod:`.mobilenet`: ``mobilenet_v2-imagenet-features.pt``, MobileNetV2's ImageNet weights.
 - :mod:`.lite`: ``pixseek-lite.pt``, trained on Flickr8k (data/MODEL_CARD.md).
-- :mod:`.captioner`: ``pixseek-captioner.pt``, trained on Flickr8k (data/CAPTIONER_CARD.md).
+- :mod:`.captioner`: one training run of ``pixseek-captioner.pt`` (data/CAPTIONER_CARD.md); the
+  shipped file took four, continuing one another: :mod:`.captioner_chain` runs them all.
 
 The last two read the Flickr8k folder (``--data``) through caches of the frozen towers' outputs
 (``--cache``, :mod:`.features`). The cards name the exact commands.

@@ -131,7 +131,7 @@ def dev_loss(model, grids, rows, seqs, size: int = 256) -> float:
     return total / count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -157,7 +157,7 @@ def main() -> None:
         help="read the map of this pixseek-lite checkpoint's tuned tower",
     )
     parser.add_argument("--crops", type=int, default=0, help="also train on N random-crop views")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -74,7 +74,7 @@ def recall(metrics: dict, direction: str) -> str:
     return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in KS)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_folder_arguments(p)
     p.add_argument("--tower", default="mobilenet_v2")
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, help="write the trained checkpoint here")
     p.add_argument("--note", default="")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -1,0 +1,124 @@
+"""The one command that makes ``data/pixseek-captioner.pt`` from Flickr8k alone.
+
+The shipped captioner came from four runs of :mod:`.captioner`, each continuing the one before,
+and the third reads the tuned tower of an intermediate pixseek-lite (variant K, made by
+:mod:`.lite`). This module runs that chain in order with the card's arguments
+(data/CAPTIONER_CARD.md), so nobody has to copy five commands by hand:
+
+    python -m pixseek.training.recipes.captioner_chain --data FLICKR8K --cache CACHE \\
+        --out data/pixseek-captioner.pt
+
+The intermediate checkpoints go to ``CACHE/captioner-chain/``. A step whose checkpoint is
+there is not run again, so a stopped chain resumes at the step it was in; each step writes
+to a ``.partial`` name first, so a step cut off halfway is redone, not trusted. The last run
+reads the tower of the shipped pixseek-lite (``--lite`` to use another, e.g. a fresh one from
+:mod:`.lite`'s own command). ``--dry-run`` prints the commands and runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixseek.encoders.base import shipped
+
+from . import captioner, lite
+from .features import add_folder_arguments
+
+
+@dataclass(frozen=True)
+class Step:
+    """One run of a recipe: the checkpoint it writes, and its arguments after --data/--cache."""
+
+    recipe: str  # "captioner" or "lite"
+    out: Path
+    args: list[str]
+
+    def argv(self, folders: list[str], extra: list[str], out: Path) -> list[str]:
+        """The full command line; the output flag goes last, after any extra arguments."""
+        flag = "--save" if self.recipe == "lite" else "--out"
+        return [*folders, *self.args, *extra, flag, str(out)]
+
+
+def chain(work: Path, lite_checkpoint: Path, out: Path) -> list[Step]:
+    """The card's four captioner runs, with the pixseek-lite (K) that run 3 reads."""
+    run1, run2, k, run3 = (work / f"{name}.pt" for name in ("run1", "run2", "lite-k", "run3"))
+    return [
+        Step("captioner", run1, []),
+        Step("captioner", run2, ["--init", str(run1), "--flip", "--epochs", "3", "--lr", "3e-4"]),
+        Step(
+            "lite",
+            k,
+            shlex.split(
+                "--pool mean --text-layers 3 --tower-blocks 5 --flip --crops 6 --dropout 0.1 "
+                "--epochs 16 --lr 3e-3 --eval-every 4 --threads 2"
+            ),
+        ),
+        Step(
+            "captioner",
+            run3,
+            ["--init", str(run2), "--tower-from", str(k)]
+            + shlex.split("--flip --crops 6 --epochs 4 --lr 5e-4 --threads 2"),
+        ),
+        Step(
+            "captioner",
+            out,
+            ["--init", str(run3), "--tower-from", str(lite_checkpoint)]
+            + shlex.split("--flip --crops 12 --epochs 4 --lr 5e-4 --threads 2"),
+        ),
+    ]
+
+
+RECIPES: dict[str, Callable[[list[str]], None]] = {
+    "captioner": captioner.main,
+    "lite": lite.main,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_folder_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="write the captioner here")
+    parser.add_argument(
+        "--lite",
+        type=Path,
+        default=shipped("pixseek-lite.pt"),
+        help="the pixseek-lite whose tuned tower the last run reads (default: the shipped one)",
+    )
+    parser.add_argument(
+        "--captioner-args",
+        default="",
+        help="extra arguments for every captioner run, after the card's (e.g. '--device cuda')",
+    )
+    parser.add_argument(
+        "--lite-args", default="", help="extra arguments for the pixseek-lite run, likewise"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+
+    work = args.cache / "captioner-chain"
+    folders = ["--data", str(args.data), "--cache", str(args.cache)]
+    extra = {"captioner": shlex.split(args.captioner_args), "lite": shlex.split(args.lite_args)}
+    steps = chain(work, args.lite, args.out)
+    for number, step in enumerate(steps, 1):
+        command = f"python -m pixseek.training.recipes.{step.recipe}"
+        if args.dry_run:
+            print(command, shlex.join(step.argv(folders, extra[step.recipe], step.out)))
+            continue
+        if step.out.is_file() and step is not steps[-1]:
+            print(f"step {number}/{len(steps)}: {step.out} is there, not run again")
+            continue
+        partial = step.out.with_name(step.out.name + ".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        print(f"step {number}/{len(steps)}: {command} ... -> {step.out}", flush=True)
+        RECIPES[step.recipe](step.argv(folders, extra[step.recipe], partial))
+        partial.replace(step.out)
+
+
+if __name__ == "__main__":
+    main()
