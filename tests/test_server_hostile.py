@@ -11,11 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from imagegen import make_photo
+from schemathesis import GenerationMode
 from test_server import (  # noqa: F401 - fixtures (pytest finds them by name)
     GREEN,
     RED,
+    UPLOAD_LIMIT,
     assert_error,
     client,
     image_id,
@@ -238,3 +243,42 @@ def test_searches_run_side_by_side_with_uploads(client: TestClient) -> None:
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+# the API under schemathesis ------------------------------------------------------------------
+@pytest.fixture
+def api_schema(library_path: Path):
+    """The app's own OpenAPI schema, every operation but starting index jobs."""
+    app = create_app(
+        library_path, index_workers=0, max_upload_bytes=UPLOAD_LIMIT, allowed_hosts=None
+    )
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    return schema.exclude(path="/api/index", method="POST")
+
+
+def test_the_api_under_generated_requests_never_fails_nor_leaks(api_schema, photos: Path) -> None:
+    indexed = {p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+
+    @settings(
+        max_examples=15,  # per operation and mode: bounded for CI
+        deadline=None,
+        derandomize=True,  # the same cases on every run
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(data=st.data())
+    def check(operation, mode: GenerationMode, data) -> None:
+        case = data.draw(operation.as_strategy(mode))
+        response = case.call(base_url="http://127.0.0.1")
+        assert response.status_code < 500, (case.as_curl_command(), response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"], case.as_curl_command()
+        if case.path.endswith("/original") and response.status_code == 200:
+            assert response.content in indexed, case.as_curl_command()
+
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 6
+    for operation in operations:
+        check(operation, GenerationMode.POSITIVE)
+        if any(operation.iter_parameters()) or operation.body:  # something to get wrong
+            check(operation, GenerationMode.NEGATIVE)
