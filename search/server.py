@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, time
 from pathlib import Path
 from time import perf_counter
@@ -68,6 +68,17 @@ THUMB_SIZES = (256, 1280)  # grid tiles; the large view (each size is cached per
 CHUNK = 256 * 1024
 TOKEN_COOKIE = "pixseek_token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def shown(text: str) -> str:
+    """``text`` fit for JSON, which is UTF-8: a file name's bytes that are not UTF-8 (kept as
+    surrogate escapes, as ``os`` gives them) appear as ``\\xNN``. Display only: clients
+    name photos by id."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no file name's byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def is_loopback(host: str) -> bool:
@@ -194,7 +205,7 @@ class Service:
             rerank_depth=query.rerank_depth,
         )
         return SearchResponse(
-            results=results[query.offset :],
+            results=[replace(r, path=shown(r.path)) for r in results[query.offset :]],
             offset=query.offset,
             more=len(results) == wanted,
             reranked=any(r.caption_score is not None for r in results),
@@ -205,8 +216,13 @@ class Service:
         facts = self.library.info()
         rerank_available = self.library.load_captioner()
         return InfoResponse(
-            **asdict(facts),
-            index_folders=self.index_folders(facts.folders),
+            **asdict(facts)
+            | {
+                "path": shown(facts.path),
+                "folders": [shown(f) for f in facts.folders],
+                "failures": [(shown(path), shown(why)) for path, why in facts.failures],
+            },
+            index_folders=[shown(f) for f in self.index_folders(facts.folders)],
             rerank_available=rerank_available,
             max_upload_bytes=self.max_upload,
         )
@@ -233,7 +249,9 @@ class Service:
             folders = self.index_folders(self.library.folders())
             if not folders:
                 raise LibraryError("no folder to index: start the server with --folder FOLDER")
-            self.job = JobStatus(state="running", folders=folders, started_at=datetime.now())
+            self.job = JobStatus(
+                state="running", folders=[shown(f) for f in folders], started_at=datetime.now()
+            )
             self.library.follow_changes = False  # keep answering from the current index
             threading.Thread(target=self._run_index, args=(folders,), daemon=True).start()
             return self.job.model_copy()
@@ -247,10 +265,10 @@ class Service:
                 )
             outcome = {"state": "done", "report": {**vars(report), "embedded": report.embedded}}
         except LibraryError as exc:
-            outcome["error"] = str(exc)
+            outcome["error"] = shown(str(exc))
         except Exception as exc:  # noqa: BLE001 - a job thread must report, not vanish
             log.exception("index job failed")
-            outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["error"] = shown(f"{type(exc).__name__}: {exc}")
         finally:
             self.library.follow_changes = True  # the next search loads the new index
             # Only now "done": a client that searches as soon as it sees it gets the new index.
@@ -356,7 +374,7 @@ def _add_guard(
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": shown(message)}, status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

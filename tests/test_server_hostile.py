@@ -132,6 +132,31 @@ def test_an_original_is_named_with_its_bytes_in_the_header(
     assert int(response.headers["content-length"]) == (photos / "red.jpg").stat().st_size
 
 
+def test_names_that_are_not_utf8_are_searched_served_and_shown_escaped(
+    tmp_path: Path, photos: Path, color_model: str
+) -> None:
+    raw = os.fsencode(photos) + b"/latin1_\xe9\xff.jpg"
+    with open(raw, "wb") as file:
+        file.write(jpeg_bytes(RED))
+    with open(os.fsencode(photos) + b"/broken_\xff.jpg", "wb") as file:
+        file.write(b"not a picture")
+    with Library.open(tmp_path / "lib3", model=color_model) as library:
+        library.index([photos], workers=0)
+    app = create_app(tmp_path / "lib3", index_workers=0)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        hits = client.get("/api/search", params={"q": "red", "k": 2}).json()["results"]
+        shown = f"{photos}/latin1_\\xe9\\xff.jpg"
+        (latin1,) = [hit for hit in hits if hit["path"] == shown]
+        original = client.get(f"/api/images/{latin1['id']}/original")
+        assert original.content == jpeg_bytes(RED)
+        assert original.headers["content-disposition"].endswith("latin1_%E9%FF.jpg")
+        assert client.get(f"/api/images/{latin1['id']}/thumbnail").status_code == 200
+        failures = client.get("/api/info").json()["failures"]
+        assert [path for path, _ in failures] == [f"{photos}/broken_\\xff.jpg"]
+        os.remove(raw)
+        assert_error(client.get(f"/api/images/{latin1['id']}/original"), 404, shown)
+
+
 # numbers, texts and URLs out of range --------------------------------------------------------
 HUGE_IDS = [str(MAX_ID + 1), str(2**64), "9" * 40, "-1", "1e3", "0x10", "１"]
 
