@@ -36,10 +36,26 @@ def package_dir(package: str) -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present (unless told otherwise), else the CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (unless told otherwise), else the CPU. A device asked for that this
+    machine lacks is an :class:`EncoderError` now, not a traceback at the first tensor moved."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise EncoderError(f"unknown device {device!r}: use cpu or cuda") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EncoderError(
+                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine: "
+                "use cpu (or leave the device out to take a GPU only where there is one)"
+            )
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise EncoderError(
+                f"device {device!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return chosen
 
 
 def autocast_for(device: torch.device):

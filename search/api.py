@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from PIL import Image
 from platformdirs import user_data_dir
 from tqdm import tqdm
 
 from pixseek.encoders import DualEncoder, normalise_spec
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
-from pixseek.indexer.decode import DecodeError
+from pixseek.indexer.decode import DecodeError, decode_bytes
 from pixseek.indexer.distributed import EmbedPool
 from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
 from . import models, rank
-from .errors import LibraryError, ModelError
+from .errors import ImageNotFound, LibraryError, ModelError
+from .files import open_indexed
 from .models import LazyReranker, Model
 from .rank import SearchResult
 from .rerank import DEFAULT_DEPTH, Reranker
@@ -36,6 +39,7 @@ from .thumbnails import Thumbnails
 
 __all__ = [
     "DEFAULT_DEPTH",
+    "ImageNotFound",
     "Library",
     "LibraryError",
     "LibraryInfo",
@@ -47,6 +51,7 @@ __all__ = [
 ]
 
 DB_NAME = "library.db"
+UPLOAD_DECODES = 2  # uploaded images decoded at once by one library: each may take ~1 GB
 
 
 def default_library_path() -> Path:
@@ -74,7 +79,9 @@ class LibraryInfo:
 
 
 def _abspath(path: str | os.PathLike) -> str:
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    # POSIX lets a leading "//" mean something else; on Linux and macOS it is "/".
+    return path[1:] if path.startswith("//") else path
 
 
 def _phrases(text: str | Sequence[str] | None) -> list[str]:
@@ -111,6 +118,10 @@ class Library:
     :meth:`index`, :meth:`remove` and :meth:`add_captions` write to the library.
     ``follow_changes = False`` keeps searching the vector index loaded last instead of
     rebuilding it after each batch another handle (:meth:`twin`) writes during an index run.
+
+    Searches may run in several threads at once (a server does): the model's passes take
+    turns, the captioner's too, while database reads, vector searches and decoding of
+    uploaded images run side by side.
     """
 
     def __init__(
@@ -131,6 +142,9 @@ class Library:
         self._index: VectorIndex | None = None
         self._index_generation = -1
         self._reset_pending = False
+        self._model_lock = threading.RLock()  # loading the model and its forward passes
+        self._index_lock = threading.Lock()  # loading or rebuilding the vector index
+        self._upload_slots = threading.BoundedSemaphore(UPLOAD_DECODES)
         self.follow_changes = True
 
     # opening --------------------------------------------------------------------------------
@@ -202,16 +216,18 @@ class Library:
         default could not be used. Loading writes nothing: an index run records the model.
         Refused if the weights differ from those the library was built with.
         """
-        if self._model is None:
-            model = models.load_model(self._spec, self._device)
-            recorded_id = self._store.get_setting("model_id")
-            if recorded_id and recorded_id != model.encoder.model_id and not self._reset_pending:
-                raise LibraryError(
-                    f"the weights of {model.spec!r} changed since this library was built "
-                    f"({recorded_id} -> {model.encoder.model_id}); re-index with --reindex"
-                )
-            self._spec, self._model = model.spec, model
-        return self._model
+        with self._model_lock:
+            if self._model is None:
+                model = models.load_model(self._spec, self._device)
+                recorded_id = self._store.get_setting("model_id")
+                changed = recorded_id and recorded_id != model.encoder.model_id
+                if changed and not self._reset_pending:
+                    raise LibraryError(
+                        f"the weights of {model.spec!r} changed since this library was built "
+                        f"({recorded_id} -> {model.encoder.model_id}); re-index with --reindex"
+                    )
+                self._spec, self._model = model.spec, model
+            return self._model
 
     def _encoder(self) -> DualEncoder:
         return self.load_model().encoder
@@ -314,24 +330,63 @@ class Library:
         """The folders this library indexes."""
         return self._store.folders()
 
+    def folder_filter(self, folder: str | os.PathLike) -> str:
+        """``folder`` as an absolute, normalised path, if it lies inside one of the library's
+        folders (a client's filter, checked without looking at the disk)."""
+        path = os.fspath(folder)
+        if not os.path.isabs(path) or "\x00" in path:
+            raise LibraryError(f"'under' must be an absolute folder path, not {path!r}")
+        path = _abspath(path)
+        roots = self.folders()
+        if not any(os.path.commonpath([path, root]) == root for root in roots):
+            raise LibraryError(f"'under' must be inside a library folder: {', '.join(roots)}")
+        return path
+
     def image_path(self, image_id: int) -> str:
         """The file of an indexed image: servers take ids from clients, never paths."""
         row = self._store.get_rows([image_id]).get(image_id)
         if row is None or row.status != OK:
-            raise LibraryError(f"no indexed image with id {image_id}")
+            raise ImageNotFound(f"no indexed image with id {image_id}")
         return row.path
+
+    def open_image(self, image_id: int) -> BinaryIO:
+        """An indexed image's file, opened only while it is still the file indexed (see
+        :mod:`pixseek.search.files`); :class:`ImageNotFound` otherwise. Its ``name`` is the
+        indexed path."""
+        row = self._store.get_rows([image_id]).get(image_id)
+        if row is None or row.status != OK:
+            raise ImageNotFound(f"no indexed image with id {image_id}")
+        return open_indexed(
+            image_id,
+            row.path,
+            size=row.size,
+            mtime_ns=row.mtime_ns,
+            content=row.fingerprint,
+            folders=self.folders(),
+        )
 
     def thumbnail(self, image_id: int, size: int) -> Path:
         """A JPEG of an indexed image, upright, its shorter side ``size`` pixels at most;
-        cached in the library folder (``thumbs/``), renewed when the photo changes."""
-        return self._thumbnails.get(self.image_path(image_id), size)
+        cached in the library folder (``thumbs/``), renewed when the photo changes, and
+        made only from the file indexed (:meth:`open_image`)."""
+        with self.open_image(image_id) as file:
+            return self._thumbnails.get(file, size)
 
     def _refresh_index(self) -> VectorIndex | None:
-        stale = self._index_generation != self._store.generation
-        if stale and (self.follow_changes or self._index_generation < 0):
-            self._index = vectorfile.current(self._store, self.path)
-            self._index_generation = self._store.generation
-        return self._index
+        with self._index_lock:
+            stale = self._index_generation != self._store.generation
+            if stale and (self.follow_changes or self._index_generation < 0):
+                self._index = vectorfile.current(self._store, self.path)
+                self._index_generation = self._store.generation
+            return self._index
+
+    def _decode_upload(self, data: bytes) -> Image.Image:
+        """An uploaded example image, decoded outside every lock, a few at a time."""
+        with self._upload_slots:
+            try:
+                return decode_bytes(data).image
+            except DecodeError as exc:
+                raise LibraryError(f"cannot read the example image: {exc}") from exc
 
     # searching ------------------------------------------------------------------------------
     def search(
@@ -351,6 +406,7 @@ class Library:
         """Images ranked for a text, an example image, or both; negatives push results away.
 
         ``image`` is a file, an indexed image's id, or an image file's bytes (an upload).
+        ``k`` past the library's size returns every match.
         A text query's top ``rerank_depth`` (default 30) are rescored by the captioner and
         reordered: by default where a captioner tuned for this model is available; False keeps
         the vector search's order; True asks for it (an error if no captioner can load). Results
@@ -359,7 +415,10 @@ class Library:
         texts, negatives = _phrases(text), _phrases(negative)
         if isinstance(image, str | os.PathLike):
             image = _abspath(image)
-        query, exclude = rank.query_vector(self._store, self._encoder, texts, image, negatives)
+        elif isinstance(image, bytes):
+            image = self._decode_upload(image)
+        with self._model_lock:
+            query, exclude = rank.query_vector(self._store, self._encoder, texts, image, negatives)
         if rerank_depth is not None and rerank_depth < 1:
             raise LibraryError("rerank_depth must be at least 1")
         if k < 1:

@@ -9,6 +9,7 @@ of the layers below arrive as :class:`ModelError`.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from pixseek.encoders import (
@@ -71,15 +72,17 @@ class LazyReranker:
         self._device = device
         self._reranker: Reranker | None = None
         self._error: str | None = None
+        self._lock = threading.Lock()  # one load, however many searches ask at once
 
     def get(self) -> Reranker | None:
         """The reranker, loaded now if it was not; None where it cannot load."""
-        if self._reranker is None and self._error is None:
-            try:
-                self._reranker = load_reranker(self._spec, self._device)
-            except ModelError as exc:
-                self._error = str(exc)
-        return self._reranker
+        with self._lock:
+            if self._reranker is None and self._error is None:
+                try:
+                    self._reranker = load_reranker(self._spec, self._device)
+                except ModelError as exc:
+                    self._error = str(exc)
+            return self._reranker
 
     def require(self) -> Reranker:
         """The reranker, or a LibraryError saying why there is none."""

@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import numpy as np
+from PIL import Image
 
 from pixseek.encoders import DualEncoder
 from pixseek.indexer.ann import VectorIndex
-from pixseek.indexer.decode import DecodeError, decode_bytes, decode_file
+from pixseek.indexer.decode import DecodeError, decode_file
 from pixseek.indexer.store import OK, Store
 
 from .errors import LibraryError
@@ -78,7 +79,7 @@ def query_vector(
     store: Store,
     encoder: Callable[[], DualEncoder],
     texts: Sequence[str],
-    image: str | int | bytes | None,
+    image: str | int | Image.Image | None,
     negatives: Sequence[str],
 ) -> tuple[np.ndarray, set[int]]:
     """One unit query vector, and the indexed photo to leave out of the results (the
@@ -100,16 +101,12 @@ def query_vector(
 
 
 def example_vector(
-    store: Store, encoder: Callable[[], DualEncoder], image: str | int | bytes
+    store: Store, encoder: Callable[[], DualEncoder], image: str | int | Image.Image
 ) -> tuple[np.ndarray, int | None]:
     """An example's vector and its id if indexed: a stored vector (no decoding) when the
-    library has it, else the file (an absolute path) or the uploaded bytes embedded now."""
-    if isinstance(image, bytes):
-        try:
-            decoded = decode_bytes(image)
-        except DecodeError as exc:
-            raise LibraryError(f"cannot read the example image: {exc}") from exc
-        return encoder().embed_pil([decoded.image])[0], None
+    library has it, else the file (an absolute path) or the decoded upload embedded now."""
+    if isinstance(image, Image.Image):
+        return encoder().embed_pil([image])[0], None
     if isinstance(image, int | np.integer):
         vector = store.vector_of(int(image))
         if vector is None:
@@ -165,7 +162,7 @@ def rank(
 ) -> list[SearchResult]:
     """The ``k`` best photos for ``query``. With ``rerank``, its depth best are rescored and
     reordered; those past it follow in vector-search order."""
-    if index is None:
+    if index is None or not index.ntotal:
         return []
     allowed = None
     if filters.folder or filters.taken_after or filters.taken_before:
@@ -177,7 +174,7 @@ def rank(
         if not len(allowed):
             return []
     depth = rerank.depth if rerank else 0
-    wanted = max(k, depth)
+    wanted = min(max(k, depth), index.ntotal)  # no result arrays larger than the library
     scores, ids = index.search(query[None, :], wanted + len(exclude), allowed_ids=allowed)
     floor = filters.min_score
     hits = [

@@ -14,6 +14,7 @@ import functools
 import itertools
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,7 @@ class Reranker:
     Repeated and refined queries mostly rescore the same photos, and the image pass (decode +
     CNN) is most of a rerank's cost, so recent photos' memories are kept, keyed by path and
     modification time. Never the whole collection: at ~100 KB a photo that would not fit.
+    Threads take turns (the cache and the model passes are not shared between them).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Reranker:
         self.batch_size = batch_size
         self.views = 2 if mirror else 1
         self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _load(self, path: str, views: int) -> torch.Tensor:
         """(views, 3, H, W): the photo, then its mirror image when scores average both views."""
@@ -172,9 +175,10 @@ class Reranker:
         A photo that cannot be read now keeps its similarity and gets the lowest caption score
         of the others, so it is never promoted by a score it did not earn.
         """
-        memories = self.memories(paths, strict=False)
-        readable = [i for i, m in enumerate(memories) if m is not None]
-        scores = self.caption_scores(texts, [memories[i] for i in readable])
+        with self._lock:
+            memories = self.memories(paths, strict=False)
+            readable = [i for i, m in enumerate(memories) if m is not None]
+            scores = self.caption_scores(texts, [memories[i] for i in readable])
         caption: list[float | None] = [None] * len(paths)
         for i, value in zip(readable, scores.tolist(), strict=True):
             caption[i] = value
@@ -190,15 +194,16 @@ class Reranker:
 
         An unreadable photo raises DecodeError (naming it) when ``strict``, else gets None.
         """
-        memories = self.memories(paths, strict=strict, photo_only=True)
-        readable = [i for i, m in enumerate(memories) if m is not None]
-        out: list[str | None] = [None] * len(paths)
-        for start in range(0, len(readable), self.batch_size):
-            chunk = readable[start : start + self.batch_size]
-            # The photo as it is (view 0), not its mirror image: captions name left and right.
-            texts = self.captioner.generate(torch.stack([memories[i][0] for i in chunk]), beams)
-            for i, text in zip(chunk, texts, strict=True):
-                out[i] = text
+        with self._lock:
+            memories = self.memories(paths, strict=strict, photo_only=True)
+            readable = [i for i, m in enumerate(memories) if m is not None]
+            out: list[str | None] = [None] * len(paths)
+            for start in range(0, len(readable), self.batch_size):
+                chunk = readable[start : start + self.batch_size]
+                # The photo as it is (view 0), not its mirror image: captions name sides.
+                memory = torch.stack([memories[i][0] for i in chunk])
+                for i, text in zip(chunk, self.captioner.generate(memory, beams), strict=True):
+                    out[i] = text
         return out
 
 

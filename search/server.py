@@ -1,14 +1,18 @@
 """``pixseek serve``: the web page and the HTTP API, a thin FastAPI layer over pixseek.search.api.
 
 Safety: files are served only when the library indexed them and are named by id, never by a
-path from the client; the only client paths accepted (``under``) are checked to lie inside
-the library's folders and only filter results. Without a token the server answers only to
+path from the client, and only while the file on disk is still the one indexed
+(:meth:`Library.open_image`); the only client paths accepted (``under``) are checked to lie
+inside the library's folders and only filter results. Every number and text a client sends
+is bounded, and URLs past ``MAX_URL`` are answered 414. Without a token the server answers only to
 loopback host names, so other web pages cannot reach it by DNS rebinding; with a token, every
 request must carry it (header, cookie, or ``?token=`` once, which sets the cookie).
 
-Concurrency: one warm model; searches hold a lock (the model and the loaded vector index are
-not shared between threads). An index job runs in a thread on a :meth:`Library.twin` (its own
-database connections, the same model) while searches keep using the index loaded before it.
+Concurrency: one warm model; searches run in FastAPI's thread pool side by side, taking turns
+only for the model's and the captioner's passes (the :class:`Library` does that); an upload
+is decoded outside those turns, a few at a time. An index job runs in a thread on a
+:meth:`Library.twin` (its own database connections, the same model) while searches keep using
+the index loaded before it.
 """
 
 from __future__ import annotations
@@ -21,20 +25,31 @@ import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, time
 from pathlib import Path
 from time import perf_counter
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, ClassVar, Literal
+from urllib.parse import quote
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import Library, LibraryError, LibraryInfo, ModelError, SearchResult
+from .api import ImageNotFound, Library, LibraryError, LibraryInfo, ModelError, SearchResult
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("pixseek.server")
 
@@ -43,9 +58,27 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an upload
 MAX_K = 500
 MAX_OFFSET = 10_000
-THUMB_SIZES = (256, 1280)  # grid tiles; the large view
+MAX_TEXT = 2000  # characters of a query text (q, each not=)
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+MAX_URL = 16 * 1024  # bytes of path and query string
+# What uvicorn reads of a request head: a longer URL than MAX_URL still gets its JSON 414
+# (an unread request closed on would reach the client as a connection reset instead).
+MAX_REQUEST_HEAD = 4 * 1024 * 1024
+THUMB_SIZES = (256, 1280)  # grid tiles; the large view (each size is cached per photo)
+CHUNK = 256 * 1024
 TOKEN_COOKIE = "pixseek_token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def shown(text: str) -> str:
+    """``text`` fit for JSON, which is UTF-8: a file name's bytes that are not UTF-8 (kept as
+    surrogate escapes, as ``os`` gives them) appear as ``\\xNN``. Display only: clients
+    name photos by id."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no file name's byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def is_loopback(host: str) -> bool:
@@ -98,9 +131,11 @@ class ErrorResponse(BaseModel):
 class SearchQuery(BaseModel):
     """Query string of both search endpoints."""
 
-    q: str = Field("", max_length=2000, description="What to look for, in words.")
-    like: int | None = Field(None, ge=0, description="Also like this indexed image (its id).")
-    negative: list[str] = Field(
+    q: str = Field("", max_length=MAX_TEXT, description="What to look for, in words.")
+    like: int | None = Field(
+        None, ge=0, le=MAX_ID, description="Also like this indexed image (its id)."
+    )
+    negative: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(
         [], alias="not", max_length=20, description="Push results away from this (repeatable)."
     )
     k: int = Field(60, ge=1, le=MAX_K, description="How many results (one page).")
@@ -119,8 +154,9 @@ class SearchQuery(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 414, 422)
 }
+ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="An indexed photo's id.")]
 
 
 # the service -------------------------------------------------------------------------------
@@ -138,17 +174,15 @@ class Service:
         self.max_upload = max_upload
         self.folders = [os.path.abspath(f) for f in folders]
         self.index_workers = index_workers
-        self.lock = threading.Lock()  # one search at a time: model and vector index
         self.job = JobStatus()
         self._job_lock = threading.Lock()
 
     def warm_up(self) -> None:
         """Load the model, the captioner (if one loads) and the vector index now rather than
         on the first search."""
-        with self.lock:
-            model = self.library.load_model()
-            self.library.load_captioner()
-            self.library.info()
+        model = self.library.load_model()
+        self.library.load_captioner()
+        self.library.info()
         if model.notice:
             log.warning(model.notice)
 
@@ -156,68 +190,50 @@ class Service:
     def search(self, query: SearchQuery, image: bytes | None = None) -> SearchResponse:
         started = perf_counter()
         if query.like is not None:
-            self.path_of(query.like)  # an unknown id is a 404, not a bad query
+            self.library.image_path(query.like)  # an unknown id is a 404, not a bad query
         wanted = query.offset + query.k
-        folder = self._folder(query.under)
-        with self.lock:
-            results = self.library.search(
-                query.q or None,
-                image=image if image is not None else query.like,
-                negative=query.negative,
-                k=wanted,
-                folder=folder,
-                taken_after=datetime.combine(query.after, time.min) if query.after else None,
-                taken_before=datetime.combine(query.before, time.max) if query.before else None,
-                min_score=query.min_score,
-                rerank=query.rerank,
-                rerank_depth=query.rerank_depth,
-            )
+        results = self.library.search(
+            query.q or None,
+            image=image if image is not None else query.like,
+            negative=query.negative,
+            k=wanted,
+            folder=self.library.folder_filter(query.under) if query.under else None,
+            taken_after=datetime.combine(query.after, time.min) if query.after else None,
+            taken_before=datetime.combine(query.before, time.max) if query.before else None,
+            min_score=query.min_score,
+            rerank=query.rerank,
+            rerank_depth=query.rerank_depth,
+        )
         return SearchResponse(
-            results=results[query.offset :],
+            results=[replace(r, path=shown(r.path)) for r in results[query.offset :]],
             offset=query.offset,
             more=len(results) == wanted,
             reranked=any(r.caption_score is not None for r in results),
             took_ms=round((perf_counter() - started) * 1000, 2),
         )
 
-    def _folder(self, under: str | None) -> str | None:
-        """A filter folder, accepted only inside the library's folders (no probing the disk)."""
-        if not under:
-            return None
-        if not os.path.isabs(under) or "\x00" in under:
-            raise LibraryError(f"'under' must be an absolute folder path, not {under!r}")
-        folder = os.path.normpath(under)
-        roots = self.library.folders()
-        if not any(os.path.commonpath([folder, root]) == root for root in roots):
-            raise LibraryError(f"'under' must be inside a library folder: {', '.join(roots)}")
-        return folder
-
     def info(self) -> InfoResponse:
-        with self.lock:
-            facts = self.library.info()
-            rerank_available = self.library.load_captioner()
+        facts = self.library.info()
+        rerank_available = self.library.load_captioner()
         return InfoResponse(
-            **asdict(facts),
-            index_folders=self.index_folders(facts.folders),
+            **asdict(facts)
+            | {
+                "path": shown(facts.path),
+                "folders": [shown(f) for f in facts.folders],
+                "failures": [(shown(path), shown(why)) for path, why in facts.failures],
+            },
+            index_folders=[shown(f) for f in self.index_folders(facts.folders)],
             rerank_available=rerank_available,
             max_upload_bytes=self.max_upload,
         )
 
     # files ----------------------------------------------------------------------------------
-    def path_of(self, image_id: int) -> str:
-        try:
-            path = self.library.image_path(image_id)
-        except LibraryError as exc:
-            raise HTTPException(404, str(exc)) from None
-        if not os.path.isfile(path):
-            raise HTTPException(404, f"image {image_id} is no longer on disk: {path}")
-        return path
-
     def thumbnail(self, image_id: int, size: int) -> Path:
         """An upright JPEG, cached in the library folder (:meth:`Library.thumbnail`)."""
-        self.path_of(image_id)  # an unknown id or a file gone is a 404
         try:
             return self.library.thumbnail(image_id, size)
+        except ImageNotFound:
+            raise  # unknown, gone or changed: a 404
         except LibraryError as exc:
             raise HTTPException(422, f"cannot read image {image_id}: {exc}") from None
 
@@ -233,7 +249,9 @@ class Service:
             folders = self.index_folders(self.library.folders())
             if not folders:
                 raise LibraryError("no folder to index: start the server with --folder FOLDER")
-            self.job = JobStatus(state="running", folders=folders, started_at=datetime.now())
+            self.job = JobStatus(
+                state="running", folders=[shown(f) for f in folders], started_at=datetime.now()
+            )
             self.library.follow_changes = False  # keep answering from the current index
             threading.Thread(target=self._run_index, args=(folders,), daemon=True).start()
             return self.job.model_copy()
@@ -247,10 +265,10 @@ class Service:
                 )
             outcome = {"state": "done", "report": {**vars(report), "embedded": report.embedded}}
         except LibraryError as exc:
-            outcome["error"] = str(exc)
+            outcome["error"] = shown(str(exc))
         except Exception as exc:  # noqa: BLE001 - a job thread must report, not vanish
             log.exception("index job failed")
-            outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["error"] = shown(f"{type(exc).__name__}: {exc}")
         finally:
             self.library.follow_changes = True  # the next search loads the new index
             # Only now "done": a client that searches as soon as it sees it gets the new index.
@@ -320,8 +338,9 @@ def _presented_token(request: Request) -> tuple[str | None, bool]:
 def _add_guard(
     app: FastAPI, token: str | None, allowed_hosts: Sequence[str] | None, max_body: int
 ) -> None:
-    """Host check, token check, and an early JSON 413 for a body announced too large (the
-    upload route's own limit still stops a body that grows past it unannounced)."""
+    """Host check, token check, a JSON 414 for a URL too long, and an early JSON 413 for a
+    body announced too large (the upload route's own limit still stops a body that grows past
+    it unannounced)."""
     hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
     expected = token.encode() if token else None
 
@@ -329,6 +348,9 @@ def _add_guard(
     async def guard(request: Request, call_next):
         if hosts is not None and request.url.hostname not in hosts:
             return _error(400, f"unexpected Host {request.url.hostname!r}: use http://127.0.0.1")
+        url_bytes = len(request.scope.get("raw_path") or b"") + len(request.scope["query_string"])
+        if url_bytes > MAX_URL:
+            return _error(414, f"the URL is over the limit of {MAX_URL} bytes")
         given, in_url = _presented_token(request) if expected else (None, False)
         if expected and not given:
             return _error(
@@ -352,7 +374,7 @@ def _add_guard(
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": shown(message)}, status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -371,6 +393,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         return _error(422, "; ".join(problems))
+
+    @app.exception_handler(ImageNotFound)
+    async def not_found(_request: Request, exc: ImageNotFound) -> JSONResponse:
+        return _error(404, str(exc))
 
     @app.exception_handler(LibraryError)
     async def library_error(_request: Request, exc: LibraryError) -> JSONResponse:
@@ -422,10 +448,17 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         response_class=FileResponse,
     )
     def thumbnail(
-        image_id: int,
-        size: Annotated[int, Query(description=f"Shorter side: one of {THUMB_SIZES}.")] = 256,
+        image_id: ImageId,
+        size: Annotated[
+            int,
+            Query(
+                description="Shorter side in pixels: 256 or 1280, nothing else.",
+                json_schema_extra={"enum": list(THUMB_SIZES)},
+            ),
+        ] = 256,
     ) -> FileResponse:
-        """A JPEG of an indexed photo, upright, its shorter side ``size`` pixels (cached)."""
+        """A JPEG of an indexed photo, upright, its shorter side ``size`` pixels (or less for a
+        smaller photo; cached)."""
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size: must be one of {', '.join(map(str, THUMB_SIZES))}")
         return FileResponse(
@@ -439,15 +472,19 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         responses=ERRORS | {200: {"content": {"image/*": {}}}},
         response_class=FileResponse,
     )
-    def original(image_id: int) -> FileResponse:
-        """The indexed photo's file as it is on disk."""
-        path = service.path_of(image_id)
-        return FileResponse(
-            path,
-            media_type=mimetypes.guess_type(path)[0] or "application/octet-stream",
-            filename=os.path.basename(path),
-            content_disposition_type="inline",
-            headers={"Cache-Control": "private, max-age=3600"},
+    def original(image_id: ImageId) -> StreamingResponse:
+        """The indexed photo's file, while it is still the file indexed (else a 404)."""
+        file = service.library.open_image(image_id)
+        name = os.path.basename(file.name)
+        return StreamingResponse(
+            _chunks(file),
+            media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+            headers={
+                "Content-Length": str(os.fstat(file.fileno()).st_size),
+                # The name as the file system's bytes, percent-encoded (RFC 6266).
+                "Content-Disposition": f"inline; filename*=utf-8''{quote(os.fsencode(name))}",
+                "Cache-Control": "private, max-age=3600",
+            },
         )
 
     @app.get("/api/index", responses=ERRORS)
@@ -459,6 +496,13 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     def index_start() -> JobStatus:
         """(Re-)index the configured folders in the background; poll GET /api/index."""
         return service.start_index()
+
+
+def _chunks(file: BinaryIO):
+    """The open file's bytes (the one checked, not whatever its path names now), then closed."""
+    with file:
+        while chunk := file.read(CHUNK):
+            yield chunk
 
 
 def serve(
@@ -488,4 +532,18 @@ def serve(
     print(f"pixseek: serving {app.state.service.library.path} on {where}", flush=True)
     if token:
         print("pixseek: open it once as " + where + "?token=YOUR_TOKEN", flush=True)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    uvicorn.Server(server_config(app, host, port)).run()
+
+
+def server_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:
+    """How uvicorn runs the app: quiet, and reading request heads up to MAX_REQUEST_HEAD."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+    )

@@ -1,8 +1,9 @@
 """Thumbnails of indexed photos: upright JPEGs, cached in the library folder.
 
 The cache key covers the file's path, size and modification time, so an edited photo gets a
-new thumbnail and a stale one is never served. A file is written under a temporary name and
-renamed: a reader sees all of it or nothing.
+new thumbnail and a stale one is never served. The caller opens the file (checked to be the
+one indexed) and the thumbnail is made from that open file, never from the path again. A
+file is written under a temporary name and renamed: a reader sees all of it or nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from pixseek.indexer.decode import DecodeError, decode_file
+from pixseek.indexer.decode import DecodeError, decode_bytes
 
 from .errors import LibraryError
 
@@ -30,21 +32,19 @@ class Thumbnails:
         # Decoding a large photo takes memory and a core: at most one per core at a time.
         self._slots = threading.BoundedSemaphore(os.cpu_count() or 2)
 
-    def get(self, source: str, size: int) -> Path:
-        """A JPEG of ``source`` whose shorter side is ``size`` (never enlarged), upright."""
-        try:
-            stat = os.stat(source)
-        except OSError as exc:
-            raise LibraryError(exc.strerror or str(exc)) from None
-        key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}".encode()
+    def get(self, source: BinaryIO, size: int) -> Path:
+        """A JPEG of the open file ``source`` (its ``name`` the photo's path) whose shorter
+        side is ``size`` (never enlarged), upright."""
+        stat = os.fstat(source.fileno())
+        key = os.fsencode(f"{source.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}")
         name = hashlib.blake2b(key, digest_size=16).hexdigest()
         target = self.folder / name[:2] / f"{name}.jpg"
         if target.exists():
             return target
         with self._slots:
             try:
-                image = decode_file(source, min_side=size).image  # EXIF-rotated RGB
-            except DecodeError as exc:
+                image = decode_bytes(source.read(), min_side=size).image  # EXIF-rotated RGB
+            except (DecodeError, OSError) as exc:
                 raise LibraryError(str(exc)) from None
             scale = size / min(image.size)
             if scale < 1:

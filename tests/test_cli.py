@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from imagegen import make_corrupt_jpeg, make_photo
 
@@ -172,6 +173,28 @@ def test_switching_models_with_reindex_embeds_everything_again(
     assert switched.exit_code == 0, switched.output
     assert json.loads(switched.output)["added"] == 2
     assert json.loads(run("info", "--json").output)["model"] == tiny_spec
+
+
+def test_a_device_the_machine_lacks_is_a_message_not_a_traceback(
+    run, photos: Path, tiny_spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, words in [("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("tpu9", "unknown")]:
+        result = run("--device", device, "index", str(photos), "--model", tiny_spec)
+        assert result.exit_code == 1, result.output
+        assert words in result.output and "Traceback" not in result.output
+
+
+def test_a_huge_k_returns_every_photo(run, indexed) -> None:
+    result = run("search", "red", "-k", "10000000000000", "--rerank-depth", "1000", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)) == 2
+
+
+def test_a_folder_with_a_leading_double_slash_filters(run, indexed, photos: Path) -> None:
+    result = run("search", "red", "--under", f"/{photos}//", "--json")
+    assert result.exit_code == 0, result.output
+    assert [Path(r["path"]).name for r in json.loads(result.output)] == ["red.jpg", "blue.jpg"]
 
 
 def test_library_and_device_may_follow_the_command(
