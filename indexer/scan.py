@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from stat import S_ISDIR, S_ISREG
 
+from .paths import printable
+
 logger = logging.getLogger(__name__)
 
 BASE_EXTENSIONS: frozenset[str] = frozenset(
@@ -58,7 +60,7 @@ class FileEntry:
 
 
 def _log_error(path: str, error: OSError) -> None:
-    logger.warning("cannot read %s: %s", path, error.strerror or error)
+    logger.warning("cannot read %s: %s", printable(path), error.strerror or error)
 
 
 def _entry(path: str, stat: os.stat_result) -> FileEntry:

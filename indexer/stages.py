@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from pixseek.encoders import DualEncoder
 
 from .decode import DecodeError, decode_file
+from .paths import printable
 from .scan import FileEntry, scan
 from .store import NewImage, Store
 
@@ -46,6 +48,7 @@ class IndexReport:
     removed: int = 0
     failed: int = 0
     seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     scan_errors: list[tuple[str, str]] = field(default_factory=list)
     shards: int = 0  # shards embedded in this run
     shards_resumed: int = 0  # complete shard files left by an interrupted run, written as they were
@@ -54,6 +57,18 @@ class IndexReport:
     @property
     def embedded(self) -> int:
         return self.added + self.updated
+
+    @property
+    def complete(self) -> bool:
+        """Every file seen was indexed: none failed and no folder or file was unreadable."""
+        return not self.failed and not self.scan_errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, paths ``printable``: what ``index --json`` prints."""
+        out = dataclasses.asdict(self)
+        for key in ("failures", "scan_errors"):
+            out[key] = [[printable(path), reason] for path, reason in out[key]]
+        return {**out, "embedded": self.embedded, "complete": self.complete}
 
     def add(self, other: IndexReport) -> None:
         """Sum another run into this one (a run over several folders)."""
@@ -273,6 +288,7 @@ class Writer:
             keep.append(image)
             if image.error:
                 report.failed += 1
+                report.failures.append((image.path, image.error))
             elif reused:
                 report.reused += 1
             elif item.is_new:

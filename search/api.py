@@ -23,6 +23,7 @@ from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError
 from pixseek.indexer.distributed import EmbedPool
+from pixseek.indexer.paths import printable
 from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
@@ -44,6 +45,7 @@ __all__ = [
     "SearchResult",
     "caption_images",
     "default_library_path",
+    "printable",
 ]
 
 DB_NAME = "library.db"
@@ -70,7 +72,12 @@ class LibraryInfo:
     failures: list[tuple[str, str]]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types, paths ``printable``: what ``info --json`` prints."""
+        out = asdict(self)
+        out["path"] = printable(self.path)
+        out["folders"] = [printable(f) for f in self.folders]
+        out["failures"] = [[printable(p), reason] for p, reason in self.failures]
+        return out
 
 
 def _abspath(path: str | os.PathLike) -> str:
@@ -155,12 +162,15 @@ class Library:
         if not db.exists():
             if not create:
                 raise LibraryError(
-                    f"no library at {folder}: index a folder first (pixseek index FOLDER)"
+                    f"no library at {printable(folder)}: "
+                    "index a folder first (pixseek index FOLDER)"
                 )
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise LibraryError(f"cannot create the library at {folder}: {exc}") from exc
+                raise LibraryError(
+                    f"cannot create the library at {printable(folder)}: {exc.strerror or exc}"
+                ) from exc
         try:
             store = Store(db)
         except NewerLibraryError as exc:
@@ -255,7 +265,7 @@ class Library:
             raise LibraryError("no folder to index: name one (pixseek index FOLDER)")
         for target in targets:
             if not os.path.exists(target):
-                raise LibraryError(f"no such folder: {target}")
+                raise LibraryError(f"no such folder: {printable(target)}")
         if self._reset_pending:
             # Re-indexing (or switching models): start from nothing, only once a run begins.
             self._store.clear_images()
