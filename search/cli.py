@@ -189,18 +189,21 @@ def index(
 ) -> None:
     """Index FOLDERS (or re-scan every folder indexed before). Only new and changed photos
     are embedded; deleted ones are dropped. Safe to interrupt and run again."""
-    library = _open(ctx, model=model, reindex=reindex)
-    _notice(library.load_model())  # loaded (and announced) before the progress bars
-    report = library.index(
-        folders,
-        batch_size=batch_size,
-        workers=workers,
-        include_hidden=include_hidden,
-        progress=not quiet and not as_json,
-        ray=ray_address,
-        ray_gpus=ray_gpus,
-    )
-    captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
+    library = _open(ctx, model=model, reindex=reindex, repair=True)
+    for line in library.notices:
+        click.echo(line, err=True)
+    with library.writing():  # a second run is refused before its model loads
+        _notice(library.load_model())  # loaded (and announced) before the progress bars
+        report = library.index(
+            folders,
+            batch_size=batch_size,
+            workers=workers,
+            include_hidden=include_hidden,
+            progress=not quiet and not as_json,
+            ray=ray_address,
+            ray_gpus=ray_gpus,
+        )
+        captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
     if as_json:
         extra = {} if captioned is None else {"captioned": captioned}
         click.echo(json.dumps({**report.to_dict(), **extra}, indent=2))
@@ -289,7 +292,7 @@ def _query(
     as_json: bool,
     **query: Any,
 ) -> None:
-    library = _open(ctx, create=False)
+    library = _open(ctx, readonly=True)
     results = library.search(
         **query,
         k=k,
@@ -371,7 +374,7 @@ def caption(
 @user_errors
 def info(ctx: click.Context, as_json: bool) -> None:
     """What the library holds: photos, failures, model, index, size on disk."""
-    facts = _open(ctx, create=False).info()
+    facts = _open(ctx, readonly=True).info()
     if as_json:
         click.echo(json.dumps(facts.to_dict(), indent=2))
         return
