@@ -24,8 +24,8 @@ from pixseek.encoders import DualEncoder
 
 from .decode import DecodeError, decode_file
 from .paths import printable
-from .scan import FileEntry, scan
-from .store import NewImage, Store
+from .scan import FileEntry, scan, unsupported_reason
+from .store import SKIPPED, NewImage, Store
 
 MIN_SIDE = 224
 
@@ -47,6 +47,7 @@ class IndexReport:
     unchanged: int = 0
     removed: int = 0
     failed: int = 0
+    skipped: int = 0  # formats this install cannot read (failures names the extra)
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     scan_errors: list[tuple[str, str]] = field(default_factory=list)
@@ -60,8 +61,8 @@ class IndexReport:
 
     @property
     def complete(self) -> bool:
-        """Every file seen was indexed: none failed and no folder or file was unreadable."""
-        return not self.failed and not self.scan_errors
+        """Every file seen was indexed: none failed or skipped, no folder or file unreadable."""
+        return not self.failed and not self.skipped and not self.scan_errors
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, paths ``printable``: what ``index --json`` prints."""
@@ -87,26 +88,39 @@ class PendingFile:
 # plan -------------------------------------------------------------------------------------------
 def plan(
     store: Store, folder: str, entries: Sequence[FileEntry]
-) -> tuple[list[PendingFile], list[int]]:
-    """Split a scan into files to (re)decode and unchanged ones; return also the vanished ids."""
+) -> tuple[list[PendingFile], list[NewImage], list[int]]:
+    """Split a scan into files to (re)decode, files to list as skipped (a format this install
+    cannot read; retried once it can) and unchanged ones; return also the vanished ids."""
     known = store.states_under(folder)
     todo: list[PendingFile] = []
+    skipped: list[NewImage] = []
     for entry in entries:
         state = known.pop(entry.path, None)
-        if state is None:
+        changed = state is not None and (state.size, state.mtime_ns) != (
+            entry.size,
+            entry.mtime_ns,
+        )
+        reason = unsupported_reason(entry.path)
+        if reason is not None:
+            if state is None or changed or state.status != SKIPPED:
+                skipped.append(
+                    NewImage(entry.path, entry.size, entry.mtime_ns, error=reason, skipped=True)
+                )
+        elif state is None:
             todo.append(PendingFile(entry, is_new=True))
-        elif state.size != entry.size or state.mtime_ns != entry.mtime_ns:
+        elif changed or state.status == SKIPPED:
             todo.append(PendingFile(entry, is_new=False))
-    return todo, [state.id for state in known.values()]
+    return todo, skipped, [state.id for state in known.values()]
 
 
 def survey(
     store: Store, folder: str, report: IndexReport, include_hidden: bool, progress: bool
-) -> tuple[list[PendingFile], list[int]]:
-    """Scan a folder against the store -> (files to embed, ids of files gone from it).
+) -> tuple[list[PendingFile], list[NewImage], list[int]]:
+    """Scan a folder against the store -> (files to embed, skipped files' rows, ids of files
+    gone from it).
 
-    Fills the report's scan counts and errors. The ids are only swept after the run's new
-    vectors are in, and never those under a folder that could not be read this time (an
+    Fills the report's scan counts, skipped files and errors. The ids are only swept after the
+    run's new vectors are in, and never those under a folder that could not be read this time (an
     unmounted disk is not a deletion).
     """
     unreadable: list[str] = []
@@ -121,13 +135,15 @@ def survey(
             entries.append(entry)
             bar.update()
     report.scanned = len(entries)
-    todo, vanished = plan(store, folder, entries)
-    report.unchanged = len(entries) - len(todo)
+    todo, skipped, vanished = plan(store, folder, entries)
+    report.unchanged = len(entries) - len(todo) - len(skipped)
+    report.skipped = len(skipped)
+    report.failures += [(row.path, row.error or "") for row in skipped]
     if unreadable and vanished:
         rows = store.get_rows(vanished)
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in unreadable)
         vanished = [i for i in vanished if not rows[i].path.startswith(prefixes)]
-    return todo, vanished
+    return todo, skipped, vanished
 
 
 # decode -----------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 SCHEMA_VERSION = 2
 OK = "ok"
 FAILED = "failed"
+SKIPPED = "skipped"  # a format this install cannot read (a missing extra): retried once it can
 
 
 class NewerLibraryError(RuntimeError):
@@ -109,7 +110,8 @@ class Base(DeclarativeBase):
 
 
 class ImageRow(Base):
-    """One file the library knows: indexed (status ok, with a vector) or failed (with a reason)."""
+    """One file the library knows: indexed (status ok, with a vector), failed or skipped (with
+    a reason)."""
 
     __tablename__ = "images"
 
@@ -151,6 +153,7 @@ class FileState:
     id: int
     size: int
     mtime_ns: int
+    status: str = OK
 
 
 @dataclass(slots=True)
@@ -167,6 +170,11 @@ class NewImage:
     error: str | None = None
     vector: np.ndarray | None = None
     caption: str | None = None
+    skipped: bool = False  # not decoded: ``error`` says which extra would read it
+
+    @property
+    def status(self) -> str:
+        return SKIPPED if self.skipped else FAILED if self.error else OK
 
 
 def under(column: ColumnElement[str], folder: str) -> ColumnElement[bool]:
@@ -390,11 +398,11 @@ class Store:
     # images ---------------------------------------------------------------------------------
     def states_under(self, folder: str) -> dict[str, FileState]:
         """Every known file inside ``folder`` (the mark phase of mark-and-sweep)."""
-        query = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns).where(
-            under(ImageRow.path, folder)
-        )
+        query = select(
+            ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.status
+        ).where(under(ImageRow.path, folder))
         with Session(self.engine) as session:
-            return {p: FileState(i, s, m) for p, i, s, m in session.execute(query)}
+            return {p: FileState(i, s, m, st) for p, i, s, m, st in session.execute(query)}
 
     def vectors_for_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, bytes]:
         """Stored vectors of identical content, so moved or copied files skip the model."""
@@ -439,7 +447,7 @@ class Store:
                     "width": im.width,
                     "height": im.height,
                     "taken_at": im.taken_at,
-                    "status": FAILED if im.error else OK,
+                    "status": im.status,
                     "error": im.error,
                     "vector": vector,
                     "caption": im.caption,
@@ -561,12 +569,13 @@ class Store:
         query = select(ImageRow.status, func.count()).group_by(ImageRow.status)
         with Session(self.engine) as session:
             found = dict(session.execute(query).all())
-        return {OK: found.get(OK, 0), FAILED: found.get(FAILED, 0)}
+        return {status: found.get(status, 0) for status in (OK, FAILED, SKIPPED)}
 
     def failures(self, limit: int = 20) -> list[tuple[str, str]]:
+        """(path, reason) of files not indexed: failed or skipped."""
         query = (
             select(ImageRow.path, ImageRow.error)
-            .where(ImageRow.status == FAILED)
+            .where(ImageRow.status != OK)
             .order_by(ImageRow.path)
             .limit(limit)
         )

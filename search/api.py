@@ -31,6 +31,7 @@ from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import (
     FAILED,
     OK,
+    SKIPPED,
     DamagedStoreError,
     NewerLibraryError,
     Store,
@@ -79,6 +80,7 @@ class LibraryInfo:
     path: str
     images: int
     failed: int
+    skipped: int
     folders: list[str]
     model: str | None
     model_id: str | None
@@ -550,6 +552,7 @@ class Library:
             path=str(self.path),
             images=counts[OK],
             failed=counts[FAILED],
+            skipped=counts[SKIPPED],
             folders=self._store.folders(),
             model=self._store.get_setting("model") or self._spec,
             model_id=self._store.get_setting("model_id") or None,

@@ -212,7 +212,7 @@ def index(
     click.echo(
         f"{report.scanned} photos: {report.added} new, {report.updated} changed, "
         f"{report.reused} moved or copied, {report.unchanged} unchanged, "
-        f"{report.removed} removed, {report.failed} failed "
+        f"{report.removed} removed, {report.failed} failed, {report.skipped} skipped "
         f"({report.seconds:.1f} s, {rate:.1f} photos/s)."
     )
     if captioned is not None:
@@ -220,7 +220,7 @@ def index(
     for path, reason in report.scan_errors[:10]:
         click.echo(f"could not read {printable(path)}: {reason}", err=True)
     for path, reason in report.failures[:10]:
-        click.echo(f"failed: {printable(path)}: {reason}", err=True)
+        click.echo(f"not indexed: {printable(path)}: {reason}", err=True)
     if not report.complete:
         click.echo("See every file not indexed with: pixseek info", err=True)
         ctx.exit(INCOMPLETE)
@@ -379,13 +379,13 @@ def info(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(facts.to_dict(), indent=2))
         return
     click.echo(f"Library:  {printable(facts.path)}")
-    click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed")
+    click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed, {facts.skipped} skipped")
     click.echo(f"Folders:  {', '.join(map(printable, facts.folders)) or '-'}")
     click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
     click.echo(f"Index:    {facts.index_kind or '-'}")
     click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
     for path, reason in facts.failures:
-        click.echo(f"  failed: {printable(path)}: {reason}")
+        click.echo(f"  not indexed: {printable(path)}: {reason}")
 
 
 @main.command()

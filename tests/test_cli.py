@@ -267,7 +267,8 @@ def test_a_name_that_is_not_utf8_is_indexed_found_and_shown_escaped(
     with open(odd, "wb") as broken:
         broken.write(b"not a photo")
     again = run("index", str(folder), "--workers", "0", "-q")
-    assert again.exit_code == cli.INCOMPLETE and f"failed: {shown}: not an image" in again.output
+    assert again.exit_code == cli.INCOMPLETE
+    assert f"not indexed: {shown}: not an image" in again.output
     listed = run("info")
-    assert f"failed: {shown}: not an image" in listed.output
+    assert f"not indexed: {shown}: not an image" in listed.output
     assert json.loads(run("info", "--json").output)["failures"] == [[shown, "not an image"]]
