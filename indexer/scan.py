@@ -149,8 +149,9 @@ def _walk(
                         subfolders.append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in extensions:
                     stat = entry.stat()  # follows links: a dangling one raises and is reported
-                    if S_ISREG(stat.st_mode):
-                        yield _entry(entry.path, stat)
+                    if not S_ISREG(stat.st_mode):  # a FIFO or device: reading it could hang
+                        raise OSError(errno.EINVAL, "not a regular file", entry.path)
+                    yield _entry(entry.path, stat)
             except OSError as error:
                 report(entry.path, error)
         pending.extend(reversed(subfolders))

@@ -25,7 +25,7 @@ from pixseek.encoders import DualEncoder
 from .decode import DecodeError, decode_file
 from .paths import printable
 from .scan import FileEntry, scan, unsupported_reason
-from .store import SKIPPED, NewImage, Store
+from .store import FAILED, SKIPPED, NewImage, Store
 
 MIN_SIDE = 224
 
@@ -87,13 +87,21 @@ class PendingFile:
 
 # plan -------------------------------------------------------------------------------------------
 def plan(
-    store: Store, folder: str, entries: Sequence[FileEntry]
+    store: Store,
+    folder: str,
+    entries: Sequence[FileEntry],
+    unreadable: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[PendingFile], list[NewImage], list[int]]:
-    """Split a scan into files to (re)decode, files to list as skipped (a format this install
-    cannot read; retried once it can) and unchanged ones; return also the vanished ids."""
+    """Split a scan into files to (re)decode, rows to write without decoding (files skipped as
+    a format this install cannot read, retried once it can; paths the scan could not read,
+    kept for ``info``) and unchanged files; return also the vanished ids."""
     known = store.states_under(folder)
     todo: list[PendingFile] = []
-    skipped: list[NewImage] = []
+    undecoded: list[NewImage] = []
+    for path, why in unreadable:
+        state, error = known.pop(path, None), f"cannot read: {why}"
+        if state is None or (state.status, state.error) != (FAILED, error):
+            undecoded.append(NewImage(path, 0, 0, error=error))
     for entry in entries:
         state = known.pop(entry.path, None)
         changed = state is not None and (state.size, state.mtime_ns) != (
@@ -103,21 +111,21 @@ def plan(
         reason = unsupported_reason(entry.path)
         if reason is not None:
             if state is None or changed or state.status != SKIPPED:
-                skipped.append(
+                undecoded.append(
                     NewImage(entry.path, entry.size, entry.mtime_ns, error=reason, skipped=True)
                 )
         elif state is None:
             todo.append(PendingFile(entry, is_new=True))
         elif changed or state.status == SKIPPED:
             todo.append(PendingFile(entry, is_new=False))
-    return todo, skipped, [state.id for state in known.values()]
+    return todo, undecoded, [state.id for state in known.values()]
 
 
 def survey(
     store: Store, folder: str, report: IndexReport, include_hidden: bool, progress: bool
 ) -> tuple[list[PendingFile], list[NewImage], list[int]]:
-    """Scan a folder against the store -> (files to embed, skipped files' rows, ids of files
-    gone from it).
+    """Scan a folder against the store -> (files to embed, rows to write undecoded, ids of
+    files gone from it).
 
     Fills the report's scan counts, skipped files and errors. The ids are only swept after the
     run's new vectors are in, and never those under a folder that could not be read this time (an
@@ -135,15 +143,16 @@ def survey(
             entries.append(entry)
             bar.update()
     report.scanned = len(entries)
-    todo, skipped, vanished = plan(store, folder, entries)
-    report.unchanged = len(entries) - len(todo) - len(skipped)
-    report.skipped = len(skipped)
-    report.failures += [(row.path, row.error or "") for row in skipped]
+    todo, undecoded, vanished = plan(store, folder, entries, report.scan_errors)
+    skipped_files = [row for row in undecoded if row.skipped]
+    report.unchanged = len(entries) - len(todo) - len(skipped_files)
+    report.skipped = len(skipped_files)
+    report.failures += [(row.path, row.error or "") for row in skipped_files]
     if unreadable and vanished:
         rows = store.get_rows(vanished)
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in unreadable)
         vanished = [i for i in vanished if not rows[i].path.startswith(prefixes)]
-    return todo, skipped, vanished
+    return todo, undecoded, vanished
 
 
 # decode -----------------------------------------------------------------------------------------

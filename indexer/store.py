@@ -154,6 +154,7 @@ class FileState:
     size: int
     mtime_ns: int
     status: str = OK
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -399,10 +400,15 @@ class Store:
     def states_under(self, folder: str) -> dict[str, FileState]:
         """Every known file inside ``folder`` (the mark phase of mark-and-sweep)."""
         query = select(
-            ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.status
+            ImageRow.path,
+            ImageRow.id,
+            ImageRow.size,
+            ImageRow.mtime_ns,
+            ImageRow.status,
+            ImageRow.error,
         ).where(under(ImageRow.path, folder))
         with Session(self.engine) as session:
-            return {p: FileState(i, s, m, st) for p, i, s, m, st in session.execute(query)}
+            return {path: FileState(*state) for path, *state in session.execute(query)}
 
     def vectors_for_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, bytes]:
         """Stored vectors of identical content, so moved or copied files skip the model."""
