@@ -268,3 +268,42 @@ def test_a_second_index_run_is_refused_with_a_message_while_searches_go_on(
     assert slow.returncode == 0, err
     rows = _rows(library / "library.db")
     assert len(rows) == 40 and _integrity(library / "library.db") == "ok"
+
+
+# a full disk ----------------------------------------------------------------------------------
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+import conftest
+from fakes import COLOR_SPEC, ColorEncoder
+import pixseek.search.api as api, pixseek.search.models as models
+models.load_encoder = lambda spec, device=None: ColorEncoder()
+api.normalise_spec = lambda spec: spec
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from pixseek.search.cli import main
+main()
+"""
+
+
+def test_a_disk_that_fills_up_during_a_run_ends_it_with_a_message_and_keeps_what_was_written(
+    tmp_path: Path, color_model: str
+) -> None:
+    photos = tmp_path / "photos"
+    for n in range(200):
+        make_photo(photos / f"p{n:03d}.png", color=(n, 90, 200), size=(16, 12))
+    library = tmp_path / "lib"
+    args = ["--library", str(library), "index", str(photos), "--model", color_model]
+    args += ["--workers", "0", "-q", "--batch-size", "8"]
+    code = FULL_DISK.format(tests=str(TESTS), limit=250_000)
+    full = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 1, full.stderr
+    assert "Error: the disk" in full.stderr and "Traceback" not in full.stderr
+    kept = _rows(library / "library.db")
+    assert 0 < len(kept) < 200 and _integrity(library / "library.db") == "ok"
+
+    resumed = CliRunner().invoke(main, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert len(_rows(library / "library.db")) == 200
