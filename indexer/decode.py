@@ -1,14 +1,16 @@
 """Turn a photo file into a small, upright RGB picture for the encoder, or say why it cannot.
 
-Decoding is the indexer's throughput bottleneck, so big JPEGs are decoded at reduced size by
-libjpeg itself (``Image.draft``) and everything else is shrunk right after decoding: the model
-only looks at about 224 pixels. Worker processes call these plain module functions, so keep
+Decoding is the indexer's throughput bottleneck, so big JPEGs and JPEG 2000s are decoded at
+reduced size by their decoders (``Image.draft``, OpenJPEG's ``reduce``) and everything else is
+shrunk right after decoding, before any conversion copies the full-size pixels: the model only
+looks at about 224 pixels. Worker processes call these plain module functions, so keep
 them picklable: no closures, no module state beyond the optional format plugins.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import struct
@@ -18,9 +20,9 @@ from datetime import datetime
 from io import BytesIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-from pixseek.indexer.scan import HEIF_EXTENSIONS, RAW_EXTENSIONS
+from pixseek.indexer.scan import HEIF_EXTENSIONS, RAW_EXTENSIONS, extra_needed
 
 try:
     import pillow_heif
@@ -37,6 +39,20 @@ except ImportError:
 WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIDEWAYS_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+# How each EXIF orientation is turned upright (ImageOps.exif_transpose's table): applied to the
+# reduced picture, as exif_transpose would copy the full-size one.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Modes Image.reduce averages correctly (not palette indices, not 16-bit or 1-bit pixels).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+_JPEG2000_LEVELS = 5  # OpenJPEG's default: a codestream has at least this many to skip
 _EXIF_DATE_FORMATS = ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S")
 
 
@@ -84,10 +100,10 @@ def _decode(data: bytes, suffix: str, min_side: int | None) -> DecodedImage:
         raise ValueError(f"min_side must be a positive pixel count or None, not {min_side!r}")
     if not data:
         raise DecodeError("empty file")
-    if suffix in HEIF_EXTENSIONS and pillow_heif is None:
-        raise DecodeError("unsupported format: HEIC needs pillow-heif (pip install pillow-heif)")
-    if suffix in RAW_EXTENSIONS and rawpy is None:
-        raise DecodeError("unsupported format: camera RAW needs rawpy (pip install rawpy)")
+    if (suffix in HEIF_EXTENSIONS and pillow_heif is None) or (
+        suffix in RAW_EXTENSIONS and rawpy is None
+    ):
+        raise DecodeError(f"unsupported format: {extra_needed(suffix)}")
     try:
         with warnings.catch_warnings():
             # Sizes up to Pillow's hard limit are fine; its metadata complaints are not errors.
@@ -131,13 +147,31 @@ def _decode_pillow(
     image = Image.open(BytesIO(data))  # opens the first frame of animations
     width, height = image.size
     if min_side is not None:
-        image.draft("RGB", (min_side, min_side))  # JPEG only: libjpeg scales by 1/2, 1/4, 1/8
+        _decode_reduced(image, min_side)
     exif = image.getexif()
-    if exif.get(ExifTags.Base.Orientation) in _SIDEWAYS_ORIENTATIONS:
+    orientation = exif.get(ExifTags.Base.Orientation)
+    if orientation in _SIDEWAYS_ORIENTATIONS:
         width, height = height, width
     taken_at = _taken_at(exif)
-    ImageOps.exif_transpose(image, in_place=True)
-    return _reduce(_to_rgb(image), min_side), (width, height), taken_at
+    if image.mode in _REDUCIBLE_MODES and "transparency" not in image.info:
+        # before any copy, so the decoded pixels are the only full-size ones ever held
+        image = _reduce(image, min_side)
+    image = _reduce(_to_rgb(image), min_side)
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+    return image, (width, height), taken_at
+
+
+def _decode_reduced(image: Image.Image, min_side: int) -> None:
+    """Ask the decoder itself for fewer pixels where the format allows: libjpeg scales by
+    1/2, 1/4 or 1/8 (``draft``), OpenJPEG skips resolution levels (``reduce``). Other formats
+    are decoded whole and reduced before anything copies them."""
+    if image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    elif image.format == "JPEG2000":
+        levels = int(math.log2(max(1, min(image.size) // min_side)))
+        image.reduce = min(levels, _JPEG2000_LEVELS)
+        image.load()  # the size is the reduced one from here on
 
 
 def _decode_raw(
@@ -211,7 +245,8 @@ def _reduce(image: Image.Image, min_side: int | None) -> Image.Image:
     if min_side is None:
         return image
     factor = min(image.size) // min_side
-    return image.reduce(factor) if factor >= 2 else image
+    # Image.reduce by name: Pillow's JPEG 2000 images hide it behind their ``reduce`` level
+    return Image.Image.reduce(image, factor) if factor >= 2 else image
 
 
 def _too_large_reason(error: Image.DecompressionBombError) -> str:

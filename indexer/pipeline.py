@@ -99,7 +99,8 @@ def index_folder(
     started = time.perf_counter()
     runner.prepare(store)
     report = IndexReport()
-    todo, vanished_ids = survey(store, folder, report, include_hidden, progress)
+    todo, undecoded, vanished_ids = survey(store, folder, report, include_hidden, progress)
+    store.write_batch(undecoded, runner.dim)
     with Writer(
         store, todo, report, runner.dim, progress=progress, on_progress=on_progress
     ) as writer:

@@ -15,14 +15,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from stat import S_ISDIR, S_ISREG
 
+from .paths import printable
+
 logger = logging.getLogger(__name__)
 
+# Every still-image format Pillow decodes (README lists them): photos, scans, Netpbm, JPEG
+# 2000, Photoshop, icons. Left out: animations and video (FLI, MPEG), vector and page formats
+# (EPS, PDF, WMF), scientific stubs (FITS, HDF5, GRIB, BUFR) and game or brush textures.
 BASE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".avif", ".gif"}
+    | {".bmp", ".dib", ".tif", ".tiff", ".jp2", ".j2k", ".jpf", ".jpx", ".j2c", ".jpc"}
+    | {".pnm", ".pbm", ".pgm", ".ppm", ".pfm", ".tga", ".psd", ".pcx", ".qoi", ".sgi"}
+    | {".ras", ".dds", ".ico", ".icns", ".xbm", ".xpm"}
 )
 HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif"})
 RAW_EXTENSIONS: frozenset[str] = frozenset(
     {".cr2", ".cr3", ".nef", ".arw", ".dng", ".rw2", ".orf", ".raf", ".srw", ".pef"}
+)
+# Photos the scan always reports: decoded here, or listed as skipped with the extra to install.
+KNOWN_EXTENSIONS = BASE_EXTENSIONS | HEIF_EXTENSIONS | RAW_EXTENSIONS
+_EXTRAS = (
+    (HEIF_EXTENSIONS, "HEIC/HEIF photos need the heic extra: pip install 'pixseek[heic]'"),
+    (RAW_EXTENSIONS, "camera RAW files need the raw extra: pip install 'pixseek[raw]'"),
 )
 
 OnError = Callable[[str, OSError], None]
@@ -48,6 +62,22 @@ def supported_extensions() -> frozenset[str]:
     return frozenset(extensions)
 
 
+def extra_needed(extension: str) -> str:
+    """Which extra reads photos with this extension (lower case, with its dot)."""
+    for extensions, reason in _EXTRAS:
+        if extension in extensions:
+            return reason
+    return "not a supported image format"
+
+
+def unsupported_reason(path: str) -> str | None:
+    """Why a photo found by the scan cannot be decoded here (an extra is missing), or None."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension in supported_extensions():
+        return None
+    return f"skipped: {extra_needed(extension)}"
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """One image file found by :func:`scan`; size and mtime let the indexer skip unchanged files."""
@@ -58,7 +88,7 @@ class FileEntry:
 
 
 def _log_error(path: str, error: OSError) -> None:
-    logger.warning("cannot read %s: %s", path, error.strerror or error)
+    logger.warning("cannot read %s: %s", printable(path), error.strerror or error)
 
 
 def _entry(path: str, stat: os.stat_result) -> FileEntry:
@@ -71,7 +101,9 @@ def scan(
     include_hidden: bool = False,
     on_error: OnError | None = None,
 ) -> Iterator[FileEntry]:
-    """Yield every supported image under ``root`` (or ``root`` itself when it is an image file).
+    """Yield every image under ``root`` (or ``root`` itself when it is an image file) with a
+    known extension, also those needing an extra that is not installed (``unsupported_reason``
+    says so), so that none is passed over in silence.
 
     Directories are listed in name order, each directory's files before its subfolders, so runs
     are reproducible. Symlinked folders are followed, but each real folder is entered once, so
@@ -85,7 +117,7 @@ def scan(
         raise FileNotFoundError(errno.ENOENT, "photo folder or file not found", top) from None
     if S_ISDIR(top_stat.st_mode):
         return _walk(top, top_stat, include_hidden, on_error or _log_error)
-    if S_ISREG(top_stat.st_mode) and os.path.splitext(top)[1].lower() in supported_extensions():
+    if S_ISREG(top_stat.st_mode) and os.path.splitext(top)[1].lower() in KNOWN_EXTENSIONS:
         return iter([_entry(top, top_stat)])
     return iter([])
 
@@ -93,7 +125,7 @@ def scan(
 def _walk(
     top: str, top_stat: os.stat_result, include_hidden: bool, report: OnError
 ) -> Iterator[FileEntry]:
-    extensions = supported_extensions()
+    extensions = KNOWN_EXTENSIONS
     visited = {(top_stat.st_dev, top_stat.st_ino)}
     pending = [top]
     while pending:
@@ -117,8 +149,9 @@ def _walk(
                         subfolders.append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in extensions:
                     stat = entry.stat()  # follows links: a dangling one raises and is reported
-                    if S_ISREG(stat.st_mode):
-                        yield _entry(entry.path, stat)
+                    if not S_ISREG(stat.st_mode):  # a FIFO or device: reading it could hang
+                        raise OSError(errno.EINVAL, "not a regular file", entry.path)
+                    yield _entry(entry.path, stat)
             except OSError as error:
                 report(entry.path, error)
         pending.extend(reversed(subfolders))

@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,9 @@ from tqdm import tqdm
 from pixseek.encoders import DualEncoder
 
 from .decode import DecodeError, decode_file
-from .scan import FileEntry, scan
-from .store import NewImage, Store
+from .paths import printable
+from .scan import FileEntry, scan, unsupported_reason
+from .store import FAILED, SKIPPED, NewImage, Store
 
 MIN_SIDE = 224
 
@@ -45,7 +47,9 @@ class IndexReport:
     unchanged: int = 0
     removed: int = 0
     failed: int = 0
+    skipped: int = 0  # formats this install cannot read (failures names the extra)
     seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     scan_errors: list[tuple[str, str]] = field(default_factory=list)
     shards: int = 0  # shards embedded in this run
     shards_resumed: int = 0  # complete shard files left by an interrupted run, written as they were
@@ -54,6 +58,18 @@ class IndexReport:
     @property
     def embedded(self) -> int:
         return self.added + self.updated
+
+    @property
+    def complete(self) -> bool:
+        """Every file seen was indexed: none failed or skipped, no folder or file unreadable."""
+        return not self.failed and not self.skipped and not self.scan_errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, paths ``printable``: what ``index --json`` prints."""
+        out = dataclasses.asdict(self)
+        for key in ("failures", "scan_errors"):
+            out[key] = [[printable(path), reason] for path, reason in out[key]]
+        return {**out, "embedded": self.embedded, "complete": self.complete}
 
     def add(self, other: IndexReport) -> None:
         """Sum another run into this one (a run over several folders)."""
@@ -71,27 +87,48 @@ class PendingFile:
 
 # plan -------------------------------------------------------------------------------------------
 def plan(
-    store: Store, folder: str, entries: Sequence[FileEntry]
-) -> tuple[list[PendingFile], list[int]]:
-    """Split a scan into files to (re)decode and unchanged ones; return also the vanished ids."""
+    store: Store,
+    folder: str,
+    entries: Sequence[FileEntry],
+    unreadable: Sequence[tuple[str, str]] = (),
+) -> tuple[list[PendingFile], list[NewImage], list[int]]:
+    """Split a scan into files to (re)decode, rows to write without decoding (files skipped as
+    a format this install cannot read, retried once it can; paths the scan could not read,
+    kept for ``info``) and unchanged files; return also the vanished ids."""
     known = store.states_under(folder)
     todo: list[PendingFile] = []
+    undecoded: list[NewImage] = []
+    for path, why in unreadable:
+        state, error = known.pop(path, None), f"cannot read: {why}"
+        if state is None or (state.status, state.error) != (FAILED, error):
+            undecoded.append(NewImage(path, 0, 0, error=error))
     for entry in entries:
         state = known.pop(entry.path, None)
-        if state is None:
+        changed = state is not None and (state.size, state.mtime_ns) != (
+            entry.size,
+            entry.mtime_ns,
+        )
+        reason = unsupported_reason(entry.path)
+        if reason is not None:
+            if state is None or changed or state.status != SKIPPED:
+                undecoded.append(
+                    NewImage(entry.path, entry.size, entry.mtime_ns, error=reason, skipped=True)
+                )
+        elif state is None:
             todo.append(PendingFile(entry, is_new=True))
-        elif state.size != entry.size or state.mtime_ns != entry.mtime_ns:
+        elif changed or state.status == SKIPPED:
             todo.append(PendingFile(entry, is_new=False))
-    return todo, [state.id for state in known.values()]
+    return todo, undecoded, [state.id for state in known.values()]
 
 
 def survey(
     store: Store, folder: str, report: IndexReport, include_hidden: bool, progress: bool
-) -> tuple[list[PendingFile], list[int]]:
-    """Scan a folder against the store -> (files to embed, ids of files gone from it).
+) -> tuple[list[PendingFile], list[NewImage], list[int]]:
+    """Scan a folder against the store -> (files to embed, rows to write undecoded, ids of
+    files gone from it).
 
-    Fills the report's scan counts and errors. The ids are only swept after the run's new
-    vectors are in, and never those under a folder that could not be read this time (an
+    Fills the report's scan counts, skipped files and errors. The ids are only swept after the
+    run's new vectors are in, and never those under a folder that could not be read this time (an
     unmounted disk is not a deletion).
     """
     unreadable: list[str] = []
@@ -106,13 +143,16 @@ def survey(
             entries.append(entry)
             bar.update()
     report.scanned = len(entries)
-    todo, vanished = plan(store, folder, entries)
-    report.unchanged = len(entries) - len(todo)
+    todo, undecoded, vanished = plan(store, folder, entries, report.scan_errors)
+    skipped_files = [row for row in undecoded if row.skipped]
+    report.unchanged = len(entries) - len(todo) - len(skipped_files)
+    report.skipped = len(skipped_files)
+    report.failures += [(row.path, row.error or "") for row in skipped_files]
     if unreadable and vanished:
         rows = store.get_rows(vanished)
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in unreadable)
         vanished = [i for i in vanished if not rows[i].path.startswith(prefixes)]
-    return todo, vanished
+    return todo, undecoded, vanished
 
 
 # decode -----------------------------------------------------------------------------------------
@@ -273,6 +313,7 @@ class Writer:
             keep.append(image)
             if image.error:
                 report.failed += 1
+                report.failures.append((image.path, image.error))
             elif reused:
                 report.reused += 1
             elif item.is_new:

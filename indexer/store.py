@@ -16,6 +16,7 @@ in Python they are ``str`` with undecodable bytes as surrogate escapes, as ``os`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +24,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -39,6 +41,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -47,10 +51,45 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 SCHEMA_VERSION = 2
 OK = "ok"
 FAILED = "failed"
+SKIPPED = "skipped"  # a format this install cannot read (a missing extra): retried once it can
 
 
 class NewerLibraryError(RuntimeError):
     """The library was written by a newer pixseek, in a format this one cannot read."""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used: damaged, full, read-only or unreadable; ``str()`` says
+    which, for the user."""
+
+
+class DamagedStoreError(StoreError):
+    """The database file is damaged (or is no database): only a rebuild from the photos helps."""
+
+
+# SQLite's result codes (sqlite3 errors carry them as ``sqlite_errorname``) -> what to tell.
+_DAMAGED = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+_PROBLEMS = {
+    "SQLITE_FULL": "the disk holding the library is full: free some space and run again "
+    "(what was indexed so far is kept)",
+    "SQLITE_READONLY": "the library is read-only here: index needs write access to its folder",
+    "SQLITE_CANTOPEN": "cannot open the library database (is its folder readable?)",
+    "SQLITE_IOERR": "the disk failed to read or write the library (full or failing?)",
+    "SQLITE_PERM": "no permission to open the library database",
+}
+
+
+def store_error(db_path: Path, error: BaseException) -> StoreError | None:
+    """What a low-level SQLite error means for the user, or None when it is not about the
+    file (a bug, a constraint: those keep their traceback)."""
+    cause = getattr(error, "orig", error)  # SQLAlchemy wraps the sqlite3 error
+    name = getattr(cause, "sqlite_errorname", "") or ""
+    base = "_".join(name.split("_")[:2])  # SQLITE_IOERR_WRITE -> SQLITE_IOERR
+    if base in _DAMAGED:
+        return DamagedStoreError(f"the library database {db_path} is damaged ({cause})")
+    if base in _PROBLEMS:
+        return StoreError(f"{_PROBLEMS[base]} ({db_path}: {cause})")
+    return None
 
 
 class FsPath(TypeDecorator):
@@ -71,7 +110,8 @@ class Base(DeclarativeBase):
 
 
 class ImageRow(Base):
-    """One file the library knows: indexed (status ok, with a vector) or failed (with a reason)."""
+    """One file the library knows: indexed (status ok, with a vector), failed or skipped (with
+    a reason)."""
 
     __tablename__ = "images"
 
@@ -113,6 +153,8 @@ class FileState:
     id: int
     size: int
     mtime_ns: int
+    status: str = OK
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -129,6 +171,11 @@ class NewImage:
     error: str | None = None
     vector: np.ndarray | None = None
     caption: str | None = None
+    skipped: bool = False  # not decoded: ``error`` says which extra would read it
+
+    @property
+    def status(self) -> str:
+        return SKIPPED if self.skipped else FAILED if self.error else OK
 
 
 def under(column: ColumnElement[str], folder: str) -> ColumnElement[bool]:
@@ -146,11 +193,25 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _stored_version(db_path: Path) -> int | None:
+def _readonly_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+
+def _readonly_uri(db_path: Path, immutable: bool) -> str:
+    """A read-only SQLite URI; ``immutable`` reads a WAL database in a folder where its -shm
+    file cannot be made (a read-only folder: nobody can write to it either)."""
+    flag = "immutable=1" if immutable else "mode=ro"
+    return f"file:{quote(os.fspath(db_path.absolute()))}?{flag}"
+
+
+def _stored_version(db_path: Path, uri: str | None = None) -> int | None:
     """The library format recorded in a database, or None for a new (empty) one."""
     if not db_path.exists():
         return None
-    with closing(sqlite3.connect(db_path)) as db:  # sqlite3's own `with` does not close
+    if db_path.stat().st_size == 0:  # a library always has tables: this one was emptied
+        raise DamagedStoreError(f"the library database {db_path} is empty (0 bytes)")
+    connect = sqlite3.connect(uri, uri=True) if uri else sqlite3.connect(db_path)
+    with closing(connect) as db:  # sqlite3's own `with` does not close
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
         if "settings" not in tables:
             return None
@@ -207,20 +268,76 @@ def _migrate(db_path: Path, version: int) -> None:
         db.close()
 
 
-class Store:
-    """Typed access to one library database; short sessions, one per unit of work."""
+def keep_aside(db_path: Path) -> Path:
+    """Rename a damaged database (and its WAL files, which must never meet a new database)
+    to ``NAME.damaged-TIME``, for the user to inspect or recover from; returns the new name."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = db_path.with_name(f"{db_path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        part = db_path.with_name(db_path.name + suffix)
+        if part.exists():
+            part.rename(aside.with_name(aside.name + suffix))
+    return aside
 
-    def __init__(self, db_path: Path) -> None:
+
+def salvage(db_path: Path) -> tuple[list[str], dict[str, str]]:
+    """What can still be read of a damaged database's folders and settings (perhaps nothing),
+    so a rebuild knows which folders to index with which model."""
+    folders: list[str] = []
+    settings: dict[str, str] = {}
+    with contextlib.suppress(sqlite3.Error), closing(sqlite3.connect(db_path)) as db:
+        settings = dict(db.execute("SELECT key, value FROM settings").fetchall())
+    with contextlib.suppress(sqlite3.Error), closing(sqlite3.connect(db_path)) as db:
+        folders = [os.fsdecode(path) for (path,) in db.execute("SELECT path FROM folders")]
+    return folders, settings
+
+
+class Store:
+    """Typed access to one library database; short sessions, one per unit of work.
+
+    ``readonly`` opens an existing database for reading only (SQLite's ``mode=ro``, or
+    ``immutable`` in a read-only folder): nothing is created, migrated or written. Errors
+    about the file itself (damaged, full, read-only) are raised as :class:`StoreError`.
+    """
+
+    def __init__(self, db_path: Path, *, readonly: bool = False) -> None:
         self.db_path = db_path
-        self.engine = create_engine(f"sqlite:///{db_path}")
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        version = _stored_version(db_path)
+        self.readonly = readonly
+        try:
+            self._open(db_path, readonly)
+        except BaseException as error:
+            if hasattr(self, "engine"):
+                self.engine.dispose()
+            if isinstance(error, sqlite3.Error | DBAPIError):
+                translated = store_error(db_path, error)
+                if translated is not None:
+                    raise translated from error
+            raise
+
+    def _open(self, db_path: Path, readonly: bool) -> None:
+        uri = None
+        if readonly:
+            uri = _readonly_uri(db_path, immutable=not os.access(db_path.parent, os.W_OK))
+            self.engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True))
+            event.listen(self.engine, "connect", _readonly_pragmas)
+        else:
+            self.engine = create_engine(f"sqlite:///{db_path}")
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "handle_error", self._handle_error)
+        version = _stored_version(db_path, uri)
         if version is not None and version > SCHEMA_VERSION:
             self.engine.dispose()
             raise NewerLibraryError(
                 f"{db_path} was written by a newer pixseek (library format {version}; this "
                 f"pixseek reads formats up to {SCHEMA_VERSION}): upgrade pixseek to open it"
             )
+        if readonly:
+            if version is None or version < SCHEMA_VERSION:
+                raise StoreError(
+                    f"{db_path} is not in this pixseek's library format yet: "
+                    "run pixseek index once to bring it up to date"
+                )
+            return
         if version is not None and version < SCHEMA_VERSION:
             _migrate(db_path, version)
         Base.metadata.create_all(self.engine)
@@ -228,6 +345,23 @@ class Store:
             if session.get(SettingRow, "schema") is None:
                 session.add(SettingRow(key="schema", value=str(SCHEMA_VERSION)))
                 session.add(SettingRow(key="generation", value="0"))
+
+    def _handle_error(self, context: ExceptionContext) -> None:
+        """Every query's errors about the file itself become a StoreError with a message."""
+        translated = store_error(self.db_path, context.original_exception)
+        if translated is not None:
+            raise translated from context.original_exception
+
+    def check(self) -> None:
+        """Raise DamagedStoreError unless SQLite's ``quick_check`` passes (a full read of
+        the file, without the slower index cross-checks): an index run checks before it
+        writes to a database that may be damaged."""
+        with self.engine.connect() as connection:
+            found = [row[0] for row in connection.exec_driver_sql("PRAGMA quick_check")]
+        if found != ["ok"]:
+            raise DamagedStoreError(
+                f"the library database {self.db_path} is damaged ({'; '.join(found[:3])})"
+            )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -265,11 +399,16 @@ class Store:
     # images ---------------------------------------------------------------------------------
     def states_under(self, folder: str) -> dict[str, FileState]:
         """Every known file inside ``folder`` (the mark phase of mark-and-sweep)."""
-        query = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns).where(
-            under(ImageRow.path, folder)
-        )
+        query = select(
+            ImageRow.path,
+            ImageRow.id,
+            ImageRow.size,
+            ImageRow.mtime_ns,
+            ImageRow.status,
+            ImageRow.error,
+        ).where(under(ImageRow.path, folder))
         with Session(self.engine) as session:
-            return {p: FileState(i, s, m) for p, i, s, m in session.execute(query)}
+            return {path: FileState(*state) for path, *state in session.execute(query)}
 
     def vectors_for_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, bytes]:
         """Stored vectors of identical content, so moved or copied files skip the model."""
@@ -314,7 +453,7 @@ class Store:
                     "width": im.width,
                     "height": im.height,
                     "taken_at": im.taken_at,
-                    "status": FAILED if im.error else OK,
+                    "status": im.status,
                     "error": im.error,
                     "vector": vector,
                     "caption": im.caption,
@@ -370,6 +509,14 @@ class Store:
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
                 yield ids, vecs.reshape(len(rows), -1)
                 last = int(ids[-1])
+
+    def vector_shape(self) -> tuple[int, int]:
+        """(how many vectors, their dimension): what an index derived from the store holds."""
+        stored = (ImageRow.status == OK) & ImageRow.vector.is_not(None)
+        with Session(self.engine) as session:
+            count = session.scalar(select(func.count()).where(stored))
+            size = session.scalar(select(func.length(ImageRow.vector)).where(stored).limit(1))
+        return count or 0, (size or 0) // np.dtype(np.float32).itemsize
 
     def vector_of(self, image_id: int) -> np.ndarray | None:
         with Session(self.engine) as session:
@@ -428,12 +575,13 @@ class Store:
         query = select(ImageRow.status, func.count()).group_by(ImageRow.status)
         with Session(self.engine) as session:
             found = dict(session.execute(query).all())
-        return {OK: found.get(OK, 0), FAILED: found.get(FAILED, 0)}
+        return {status: found.get(status, 0) for status in (OK, FAILED, SKIPPED)}
 
     def failures(self, limit: int = 20) -> list[tuple[str, str]]:
+        """(path, reason) of files not indexed: failed or skipped."""
         query = (
             select(ImageRow.path, ImageRow.error)
-            .where(ImageRow.status == FAILED)
+            .where(ImageRow.status != OK)
             .order_by(ImageRow.path)
             .limit(limit)
         )

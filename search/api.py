@@ -8,14 +8,16 @@ thumbnails (:mod:`.thumbnails`) live in their own modules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from filelock import FileLock, Timeout
 from PIL import Image
 from platformdirs import user_data_dir
 from tqdm import tqdm
@@ -25,9 +27,20 @@ from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError, decode_bytes
 from pixseek.indexer.distributed import EmbedPool
+from pixseek.indexer.paths import printable
 from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.stages import IndexReport
-from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
+from pixseek.indexer.store import (
+    FAILED,
+    OK,
+    SKIPPED,
+    DamagedStoreError,
+    NewerLibraryError,
+    Store,
+    StoreError,
+    keep_aside,
+    salvage,
+)
 
 from . import models, rank
 from .errors import ImageNotFound, LibraryError, ModelError
@@ -48,10 +61,15 @@ __all__ = [
     "SearchResult",
     "caption_images",
     "default_library_path",
+    "printable",
 ]
 
 DB_NAME = "library.db"
 UPLOAD_DECODES = 2  # uploaded images decoded at once by one library: each may take ~1 GB
+LOCK_NAME = "index.lock"
+REPAIR_HINT = (
+    "run pixseek index to keep the damaged file aside and rebuild the library from your photos"
+)
 
 
 def default_library_path() -> Path:
@@ -67,6 +85,7 @@ class LibraryInfo:
     path: str
     images: int
     failed: int
+    skipped: int
     folders: list[str]
     model: str | None
     model_id: str | None
@@ -75,7 +94,12 @@ class LibraryInfo:
     failures: list[tuple[str, str]]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types, paths ``printable``: what ``info --json`` prints."""
+        out = asdict(self)
+        out["path"] = printable(self.path)
+        out["folders"] = [printable(f) for f in self.folders]
+        out["failures"] = [[printable(p), reason] for p, reason in self.failures]
+        return out
 
 
 def _abspath(path: str | os.PathLike) -> str:
@@ -97,6 +121,66 @@ def _caption_files(
         return reranker.caption([_abspath(p) for p in images], beams)
     except DecodeError as exc:
         raise LibraryError(f"cannot read {exc}") from exc
+
+
+def _open_store(db: Path, *, readonly: bool, check: bool) -> Store:
+    """The library's store; its file's problems as LibraryErrors, except a damaged file (a
+    DamagedStoreError), which an index run repairs."""
+    try:
+        store = Store(db, readonly=readonly)
+    except NewerLibraryError as exc:
+        raise LibraryError(str(exc)) from None
+    except DamagedStoreError:
+        raise
+    except StoreError as exc:
+        raise LibraryError(str(exc)) from exc
+    if check:
+        try:
+            store.check()
+        except StoreError:
+            store.close()
+            raise
+    return store
+
+
+def _rebuild_store(db: Path, damage: DamagedStoreError) -> tuple[Store, str]:
+    """Keep a damaged database aside and start a new one with what could be read of its
+    folders and model, under the library's lock (no index run is writing to it)."""
+    try:
+        with FileLock(db.parent / LOCK_NAME, blocking=False):
+            aside = keep_aside(db)
+            vectorfile.forget(db.parent)
+    except Timeout:
+        raise LibraryError(f"{damage}, and another pixseek is using it: run again later") from None
+    except OSError as exc:
+        raise LibraryError(f"{damage}, and it cannot be kept aside: {exc}") from exc
+    folders, settings = salvage(aside)
+    store = _open_store(db, readonly=False, check=False)
+    for folder in folders:
+        store.add_folder(folder)
+    kept = {key: settings[key] for key in ("model", "model_id") if settings.get(key)}
+    if kept:
+        store.set_settings(**kept)
+    notice = (
+        f"{damage}; it is kept as {printable(aside)} and the library is rebuilt from the "
+        f"photos ({len(folders)} folders recovered)"
+    )
+    return store, notice
+
+
+def _store_errors(method: Callable) -> Callable:
+    """A damaged, full or read-only database met after opening, as a LibraryError."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except DamagedStoreError as exc:
+            raise LibraryError(f"{exc}: {REPAIR_HINT}") from exc
+        except StoreError as exc:
+            raise LibraryError(str(exc)) from exc
+
+    return wrapper
 
 
 def caption_images(
@@ -133,7 +217,9 @@ class Library:
         captioner: str | None = None,
     ) -> None:
         self.path = path
+        self.notices: list[str] = []  # lines for the user about the library itself
         self._store = store
+        self._lock = FileLock(path / LOCK_NAME)
         self._spec = model
         self._device = device
         self._model: Model | None = None
@@ -156,29 +242,44 @@ class Library:
         model: str | None = None,
         reindex: bool = False,
         create: bool = True,
+        readonly: bool = False,
+        repair: bool = False,
         device: str | None = None,
         captioner: str | None = None,
     ) -> Library:
         """Open (or create) a library; refuse a model other than the one it was built with.
 
         ``reindex=True`` switches an existing library to ``model``, dropping its vectors.
+        ``readonly=True`` opens an existing library for searching only: nothing on disk is
+        written (a library in a read-only folder opens so). ``repair=True`` (what an index run
+        asks for) checks the database and, if it is damaged, keeps it aside as
+        ``library.db.damaged-TIME`` and starts a new one with the folders and model it could
+        still read (``notices`` says so); otherwise a damaged library is a ``LibraryError``.
         ``captioner`` (default ``PIXSEEK_CAPTIONER``, else the shipped one) reranks and captions.
         """
         folder = Path(path).expanduser() if path else default_library_path()
         db = folder / DB_NAME
         if not db.exists():
-            if not create:
+            if not create or readonly:
                 raise LibraryError(
-                    f"no library at {folder}: index a folder first (pixseek index FOLDER)"
+                    f"no library at {printable(folder)}: "
+                    "index a folder first (pixseek index FOLDER)"
                 )
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise LibraryError(f"cannot create the library at {folder}: {exc}") from exc
+                raise LibraryError(
+                    f"cannot create the library at {printable(folder)}: {exc.strerror or exc}"
+                ) from exc
+            vectorfile.forget(folder)  # derived from a database that is gone
+        notices = []
         try:
-            store = Store(db)
-        except NewerLibraryError as exc:
-            raise LibraryError(str(exc)) from None
+            store = _open_store(db, readonly=readonly, check=repair)
+        except DamagedStoreError as exc:
+            if not repair:
+                raise LibraryError(f"{exc}: {REPAIR_HINT}") from exc
+            store, notice = _rebuild_store(db, exc)
+            notices.append(notice)
         recorded = store.get_setting("model") or None
         wanted = normalise_spec(model) if model else None
         switching = bool(recorded and wanted and wanted != recorded)
@@ -190,7 +291,30 @@ class Library:
             )
         library = cls(folder, store, wanted or recorded, device, captioner)
         library._reset_pending = reindex or switching
+        library.notices = notices
         return library
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the library's write lock (``index.lock``, an OS file lock that dies with its
+        process): a second index run on the library, from another process or handle, is
+        refused at once with a message instead of embedding the same photos again. Re-entrant;
+        :meth:`index` and :meth:`remove` take it themselves."""
+        try:
+            self._lock.acquire(blocking=False)
+        except Timeout:
+            raise LibraryError(
+                f"another pixseek is indexing the library at {printable(self.path)}: "
+                "wait for it to finish, or stop it, and run again"
+            ) from None
+        except OSError as exc:
+            raise LibraryError(
+                f"cannot write to the library at {printable(self.path)}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def twin(self) -> Library:
         """Another handle on this library with its own database connections but this one's
@@ -245,6 +369,7 @@ class Library:
         return self._captioner.get() is not None
 
     # indexing -------------------------------------------------------------------------------
+    @_store_errors
     def index(
         self,
         folders: Iterable[str | os.PathLike] = (),
@@ -266,38 +391,39 @@ class Library:
         decoding processes. The vectors are the same as without Ray, and an interrupted run
         resumes from the shards it finished.
         """
-        targets = [_abspath(f) for f in folders] or self._store.folders()
-        if not targets:
-            raise LibraryError("no folder to index: name one (pixseek index FOLDER)")
-        for target in targets:
-            if not os.path.exists(target):
-                raise LibraryError(f"no such folder: {target}")
-        if self._reset_pending:
-            # Re-indexing (or switching models): start from nothing, only once a run begins.
-            self._store.clear_images()
-            self._store.set_settings(model="", model_id="")
-            self._reset_pending = False
-        self._record_model()
-        total = IndexReport()
-        with contextlib.ExitStack() as stack:
-            if ray:
-                runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
-            else:
-                runner = Local(self._encoder(), workers)
+        with self.writing():
+            targets = [_abspath(f) for f in folders] or self._store.folders()
+            if not targets:
+                raise LibraryError("no folder to index: name one (pixseek index FOLDER)")
             for target in targets:
-                self._store.add_folder(target)
-                report = index_folder(
-                    self._store,
-                    runner,
-                    target,
-                    batch_size=batch_size,
-                    include_hidden=include_hidden,
-                    progress=progress,
-                    on_progress=on_progress,
-                )
-                self._store.add_folder(target, indexed_at=datetime.now())
-                total.add(report)
-        self._refresh_index()
+                if not os.path.exists(target):
+                    raise LibraryError(f"no such folder: {printable(target)}")
+            if self._reset_pending:
+                # Re-indexing (or switching models): start from nothing, only once a run begins.
+                self._store.clear_images()
+                self._store.set_settings(model="", model_id="")
+                self._reset_pending = False
+            self._record_model()
+            total = IndexReport()
+            with contextlib.ExitStack() as stack:
+                if ray:
+                    runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
+                else:
+                    runner = Local(self._encoder(), workers)
+                for target in targets:
+                    self._store.add_folder(target)
+                    report = index_folder(
+                        self._store,
+                        runner,
+                        target,
+                        batch_size=batch_size,
+                        include_hidden=include_hidden,
+                        progress=progress,
+                        on_progress=on_progress,
+                    )
+                    self._store.add_folder(target, indexed_at=datetime.now())
+                    total.add(report)
+            self._refresh_index()
         return total
 
     def _embed_pool(self, address: str, gpus: float, decode_workers: int | None) -> EmbedPool:
@@ -320,12 +446,15 @@ class Library:
             )
         return pool
 
+    @_store_errors
     def remove(self, folder: str | os.PathLike) -> int:
         """Forget a folder and its images (the files themselves are untouched)."""
-        gone = self._store.remove_folder(_abspath(folder))
-        self._refresh_index()
+        with self.writing():
+            gone = self._store.remove_folder(_abspath(folder))
+            self._refresh_index()
         return gone
 
+    @_store_errors
     def folders(self) -> list[str]:
         """The folders this library indexes."""
         return self._store.folders()
@@ -342,6 +471,7 @@ class Library:
             raise LibraryError(f"'under' must be inside a library folder: {', '.join(roots)}")
         return path
 
+    @_store_errors
     def image_path(self, image_id: int) -> str:
         """The file of an indexed image: servers take ids from clients, never paths."""
         row = self._store.get_rows([image_id]).get(image_id)
@@ -349,6 +479,7 @@ class Library:
             raise ImageNotFound(f"no indexed image with id {image_id}")
         return row.path
 
+    @_store_errors
     def open_image(self, image_id: int) -> BinaryIO:
         """An indexed image's file, opened only while it is still the file indexed (see
         :mod:`pixseek.search.files`); :class:`ImageNotFound` otherwise. Its ``name`` is the
@@ -365,6 +496,7 @@ class Library:
             folders=self.folders(),
         )
 
+    @_store_errors
     def thumbnail(self, image_id: int, size: int) -> Path:
         """A JPEG of an indexed image, upright, its shorter side ``size`` pixels at most;
         cached in the library folder (``thumbs/``), renewed when the photo changes, and
@@ -376,7 +508,8 @@ class Library:
         with self._index_lock:
             stale = self._index_generation != self._store.generation
             if stale and (self.follow_changes or self._index_generation < 0):
-                self._index = vectorfile.current(self._store, self.path)
+                write = not self._store.readonly
+                self._index = vectorfile.current(self._store, self.path, write=write)
                 self._index_generation = self._store.generation
             return self._index
 
@@ -389,6 +522,7 @@ class Library:
                 raise LibraryError(f"cannot read the example image: {exc}") from exc
 
     # searching ------------------------------------------------------------------------------
+    @_store_errors
     def search(
         self,
         text: str | Sequence[str] | None = None,
@@ -444,6 +578,7 @@ class Library:
         """A caption per image file (indexed or not), by beam search."""
         return _caption_files(self._captioner.require(), images, beams)
 
+    @_store_errors
     def add_captions(self, *, batch_size: int = 32, progress: bool = False) -> int:
         """Caption every indexed photo that has no caption yet; returns how many were written.
 
@@ -451,18 +586,20 @@ class Library:
         new; a photo unreadable now is left for the next run.
         """
         reranker = self._captioner.require()
-        todo = self._store.uncaptioned()
         written = 0
-        steps = range(0, len(todo), batch_size)
-        for start in tqdm(steps, desc="captions", unit="batch", disable=not progress):
-            chunk = todo[start : start + batch_size]
-            texts = reranker.caption([path for _, path in chunk], strict=False)
-            done = [(i, text) for (i, _), text in zip(chunk, texts, strict=True) if text]
-            self._store.set_captions(done)
-            written += len(done)
+        with self.writing():
+            todo = self._store.uncaptioned()
+            steps = range(0, len(todo), batch_size)
+            for start in tqdm(steps, desc="captions", unit="batch", disable=not progress):
+                chunk = todo[start : start + batch_size]
+                texts = reranker.caption([path for _, path in chunk], strict=False)
+                done = [(i, text) for (i, _), text in zip(chunk, texts, strict=True) if text]
+                self._store.set_captions(done)
+                written += len(done)
         return written
 
     # facts ----------------------------------------------------------------------------------
+    @_store_errors
     def info(self) -> LibraryInfo:
         """What the library holds; reads only (it loads no model)."""
         counts = self._store.counts()
@@ -475,6 +612,7 @@ class Library:
             path=str(self.path),
             images=counts[OK],
             failed=counts[FAILED],
+            skipped=counts[SKIPPED],
             folders=self._store.folders(),
             model=self._store.get_setting("model") or self._spec,
             model_id=self._store.get_setting("model_id") or None,

@@ -1,6 +1,9 @@
 """The ``pixseek`` command: a thin click layer over pixseek.search.api.
 
-Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's own).
+Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's own),
+3 an ``index`` run that finished but could not index every file it saw (listed in its
+output, its ``--json`` ``failures`` and ``scan_errors``, and in ``pixseek info``).
+File names are shown ``printable``: bytes that are not UTF-8 as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from typing import Any
 
 import click
 
-from .api import DEFAULT_DEPTH, Library, LibraryError, Model, SearchResult, caption_images
+from .api import (
+    DEFAULT_DEPTH,
+    Library,
+    LibraryError,
+    Model,
+    SearchResult,
+    caption_images,
+    printable,
+)
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+INCOMPLETE = 3  # exit code of an index run that could not index every file it saw
 
 
 class LazyGroup(click.Group):
@@ -136,7 +148,7 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 @main.command()
 @library_option()
 @device_option()
-@click.argument("folders", nargs=-1, type=click.Path(file_okay=True, path_type=Path))
+@click.argument("folders", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
 @click.option("--reindex", is_flag=True, help="Drop all vectors and embed everything again.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
@@ -177,35 +189,41 @@ def index(
 ) -> None:
     """Index FOLDERS (or re-scan every folder indexed before). Only new and changed photos
     are embedded; deleted ones are dropped. Safe to interrupt and run again."""
-    library = _open(ctx, model=model, reindex=reindex)
-    _notice(library.load_model())  # loaded (and announced) before the progress bars
-    report = library.index(
-        folders,
-        batch_size=batch_size,
-        workers=workers,
-        include_hidden=include_hidden,
-        progress=not quiet and not as_json,
-        ray=ray_address,
-        ray_gpus=ray_gpus,
-    )
-    captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
+    library = _open(ctx, model=model, reindex=reindex, repair=True)
+    for line in library.notices:
+        click.echo(line, err=True)
+    with library.writing():  # a second run is refused before its model loads
+        _notice(library.load_model())  # loaded (and announced) before the progress bars
+        report = library.index(
+            folders,
+            batch_size=batch_size,
+            workers=workers,
+            include_hidden=include_hidden,
+            progress=not quiet and not as_json,
+            ray=ray_address,
+            ray_gpus=ray_gpus,
+        )
+        captioned = library.add_captions(progress=not quiet and not as_json) if captions else None
     if as_json:
         extra = {} if captioned is None else {"captioned": captioned}
-        click.echo(json.dumps({**vars(report), "embedded": report.embedded, **extra}, indent=2))
-        return
+        click.echo(json.dumps({**report.to_dict(), **extra}, indent=2))
+        ctx.exit(0 if report.complete else INCOMPLETE)
     rate = report.embedded / report.seconds if report.seconds else 0.0
     click.echo(
         f"{report.scanned} photos: {report.added} new, {report.updated} changed, "
         f"{report.reused} moved or copied, {report.unchanged} unchanged, "
-        f"{report.removed} removed, {report.failed} failed "
+        f"{report.removed} removed, {report.failed} failed, {report.skipped} skipped "
         f"({report.seconds:.1f} s, {rate:.1f} photos/s)."
     )
     if captioned is not None:
         click.echo(f"Captioned {captioned} photos.")
     for path, reason in report.scan_errors[:10]:
-        click.echo(f"could not read {path}: {reason}", err=True)
-    if report.failed:
-        click.echo("See the failures with: pixseek info", err=True)
+        click.echo(f"could not read {printable(path)}: {reason}", err=True)
+    for path, reason in report.failures[:10]:
+        click.echo(f"not indexed: {printable(path)}: {reason}", err=True)
+    if not report.complete:
+        click.echo("See every file not indexed with: pixseek info", err=True)
+        ctx.exit(INCOMPLETE)
 
 
 def _filters(func: Callable) -> Callable:
@@ -257,7 +275,7 @@ def _print_results(results: list[SearchResult], as_json: bool) -> None:
     if not results:
         click.echo("No matching photos.", err=True)
     for rank, result in enumerate(results, 1):
-        line = f"{rank:3d}  {result.score:6.3f}  {result.path}"
+        line = f"{rank:3d}  {result.score:6.3f}  {printable(result.path)}"
         if result.caption_score is not None:
             line += f"  (similarity {result.similarity:.3f}, caption {result.caption_score:.2f})"
         click.echo(line + (f"  {result.caption}" if result.caption else ""))
@@ -274,7 +292,7 @@ def _query(
     as_json: bool,
     **query: Any,
 ) -> None:
-    library = _open(ctx, create=False)
+    library = _open(ctx, readonly=True)
     results = library.search(
         **query,
         k=k,
@@ -342,11 +360,11 @@ def caption(
     device = ctx.ensure_object(Settings).device
     texts = caption_images(paths, captioner=captioner, device=device, beams=beams)
     if as_json:
-        rows = [{"path": p, "caption": t} for p, t in zip(paths, texts, strict=True)]
+        rows = [{"path": printable(p), "caption": t} for p, t in zip(paths, texts, strict=True)]
         click.echo(json.dumps(rows, indent=2))
         return
     for path, text in zip(paths, texts, strict=True):
-        click.echo(f"{path}: {text}")
+        click.echo(f"{printable(path)}: {text}")
 
 
 @main.command()
@@ -356,18 +374,18 @@ def caption(
 @user_errors
 def info(ctx: click.Context, as_json: bool) -> None:
     """What the library holds: photos, failures, model, index, size on disk."""
-    facts = _open(ctx, create=False).info()
+    facts = _open(ctx, readonly=True).info()
     if as_json:
         click.echo(json.dumps(facts.to_dict(), indent=2))
         return
-    click.echo(f"Library:  {facts.path}")
-    click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed")
-    click.echo(f"Folders:  {', '.join(facts.folders) or '-'}")
+    click.echo(f"Library:  {printable(facts.path)}")
+    click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed, {facts.skipped} skipped")
+    click.echo(f"Folders:  {', '.join(map(printable, facts.folders)) or '-'}")
     click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
     click.echo(f"Index:    {facts.index_kind or '-'}")
     click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
     for path, reason in facts.failures:
-        click.echo(f"  failed: {path}: {reason}")
+        click.echo(f"  not indexed: {printable(path)}: {reason}")
 
 
 @main.command()
@@ -382,7 +400,7 @@ def remove(ctx: click.Context, folder: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"removed": gone}))
     else:
-        click.echo(f"Forgot {gone} photos under {folder}.")
+        click.echo(f"Forgot {gone} photos under {printable(folder)}.")
 
 
 @main.command()

@@ -15,6 +15,7 @@ from PIL import Image
 from pixseek.encoders import DualEncoder
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError, decode_file
+from pixseek.indexer.paths import printable
 from pixseek.indexer.store import OK, Store
 
 from .errors import LibraryError
@@ -48,8 +49,9 @@ class SearchResult:
     """The captioner's log-likelihood per token of the query (only when reranked)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (the date in ISO 8601), for ``--json``."""
+        """Plain JSON types (the date in ISO 8601, the path ``printable``), for ``--json``."""
         out = asdict(self)
+        out["path"] = printable(self.path)
         out["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
         return out
 
@@ -116,11 +118,11 @@ def example_vector(
     if row is not None and row.status == OK and row.vector is not None:
         return np.frombuffer(row.vector, dtype=np.float32).copy(), row.id
     if not os.path.isfile(image):
-        raise LibraryError(f"no such image: {image}")
+        raise LibraryError(f"no such image: {printable(image)}")
     try:
         decoded = decode_file(image)
     except (DecodeError, OSError) as exc:
-        raise LibraryError(f"cannot read the example image {image}: {exc}") from exc
+        raise LibraryError(f"cannot read the example image {printable(image)}: {exc}") from exc
     return encoder().embed_pil([decoded.image])[0], None
 
 

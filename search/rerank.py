@@ -26,6 +26,7 @@ import torch
 from PIL import ImageOps
 
 from pixseek.indexer.decode import DecodeError, decode_file
+from pixseek.indexer.paths import printable
 
 if TYPE_CHECKING:  # the captioner module loads torchvision: only when a captioner is used
     from pixseek.encoders.captioner import Captioner
@@ -113,7 +114,7 @@ class Reranker:
                 keys.append((path, os.stat(path).st_mtime_ns))
             except OSError as exc:
                 if strict:
-                    raise DecodeError(f"{path}: {exc.strerror or exc}") from exc
+                    raise DecodeError(f"{printable(path)}: {exc.strerror or exc}") from exc
                 keys.append(None)
         found: dict[tuple[str, int], torch.Tensor] = {}
         for key in keys:
@@ -129,7 +130,7 @@ class Reranker:
                 ready = []
                 for key, (tensor, error) in chunk:
                     if error is not None and strict:
-                        raise DecodeError(f"{key[0]}: {error}")
+                        raise DecodeError(f"{printable(key[0])}: {error}")
                     if tensor is not None:
                         ready.append((key, tensor))
                 if not ready:

@@ -46,7 +46,15 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import ImageNotFound, Library, LibraryError, LibraryInfo, ModelError, SearchResult
+from .api import (
+    ImageNotFound,
+    Library,
+    LibraryError,
+    LibraryInfo,
+    ModelError,
+    SearchResult,
+    printable,
+)
 
 if TYPE_CHECKING:
     import uvicorn
@@ -68,17 +76,6 @@ THUMB_SIZES = (256, 1280)  # grid tiles; the large view (each size is cached per
 CHUNK = 256 * 1024
 TOKEN_COOKIE = "pixseek_token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def shown(text: str) -> str:
-    """``text`` fit for JSON, which is UTF-8: a file name's bytes that are not UTF-8 (kept as
-    surrogate escapes, as ``os`` gives them) appear as ``\\xNN``. Display only: clients
-    name photos by id."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that is no file name's byte
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def is_loopback(host: str) -> bool:
@@ -205,7 +202,7 @@ class Service:
             rerank_depth=query.rerank_depth,
         )
         return SearchResponse(
-            results=[replace(r, path=shown(r.path)) for r in results[query.offset :]],
+            results=[replace(r, path=printable(r.path)) for r in results[query.offset :]],
             offset=query.offset,
             more=len(results) == wanted,
             reranked=any(r.caption_score is not None for r in results),
@@ -218,11 +215,11 @@ class Service:
         return InfoResponse(
             **asdict(facts)
             | {
-                "path": shown(facts.path),
-                "folders": [shown(f) for f in facts.folders],
-                "failures": [(shown(path), shown(why)) for path, why in facts.failures],
+                "path": printable(facts.path),
+                "folders": [printable(f) for f in facts.folders],
+                "failures": [(printable(path), printable(why)) for path, why in facts.failures],
             },
-            index_folders=[shown(f) for f in self.index_folders(facts.folders)],
+            index_folders=[printable(f) for f in self.index_folders(facts.folders)],
             rerank_available=rerank_available,
             max_upload_bytes=self.max_upload,
         )
@@ -250,7 +247,7 @@ class Service:
             if not folders:
                 raise LibraryError("no folder to index: start the server with --folder FOLDER")
             self.job = JobStatus(
-                state="running", folders=[shown(f) for f in folders], started_at=datetime.now()
+                state="running", folders=[printable(f) for f in folders], started_at=datetime.now()
             )
             self.library.follow_changes = False  # keep answering from the current index
             threading.Thread(target=self._run_index, args=(folders,), daemon=True).start()
@@ -265,10 +262,10 @@ class Service:
                 )
             outcome = {"state": "done", "report": {**vars(report), "embedded": report.embedded}}
         except LibraryError as exc:
-            outcome["error"] = shown(str(exc))
+            outcome["error"] = printable(str(exc))
         except Exception as exc:  # noqa: BLE001 - a job thread must report, not vanish
             log.exception("index job failed")
-            outcome["error"] = shown(f"{type(exc).__name__}: {exc}")
+            outcome["error"] = printable(f"{type(exc).__name__}: {exc}")
         finally:
             self.library.follow_changes = True  # the next search loads the new index
             # Only now "done": a client that searches as soon as it sees it gets the new index.
@@ -374,7 +371,7 @@ def _add_guard(
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": shown(message)}, status_code=status)
+    return JSONResponse({"error": printable(message)}, status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,27 @@ def run(tmp_path: Path):
 @pytest.fixture
 def indexed(run, photos: Path, color_model: str):
     result = run("index", str(photos), "--model", color_model, "--workers", "0", "-q")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == cli.INCOMPLETE, result.output  # broken.jpg
     return result
 
 
 def test_index_prints_a_summary_of_the_run(indexed) -> None:
     assert "3 photos: 2 new" in indexed.output
     assert "1 failed" in indexed.output
+    assert "broken.jpg: corrupt image" in indexed.output
+
+
+def test_index_of_a_folder_with_failures_exits_3_and_lists_them_in_json(
+    run, photos: Path, color_model: str
+) -> None:
+    result = run("index", str(photos), "--model", color_model, "--workers", "0", "--json")
+    assert result.exit_code == 3
+    report = json.loads(result.output)
+    assert report["complete"] is False and report["failed"] == 1
+    assert report["failures"] == [[str(photos / "broken.jpg"), report["failures"][0][1]]]
+    (photos / "broken.jpg").unlink()
+    again = run("index", str(photos), "--workers", "0", "--json")
+    assert again.exit_code == 0 and json.loads(again.output)["complete"] is True
 
 
 def test_search_prints_rank_score_and_path(run, indexed, photos: Path) -> None:
@@ -82,8 +97,10 @@ def test_user_errors_exit_1_with_a_message_and_no_traceback(run, tmp_path: Path)
     missing_library = run("search", "dogs")
     assert missing_library.exit_code == 1
     assert "no library" in missing_library.output and "Traceback" not in missing_library.output
-    missing_folder = run("index", str(tmp_path / "nope"), "--model", "openclip:pixseek-tiny-vit")
-    assert missing_folder.exit_code == 1 and "no such folder" in missing_folder.output
+    missing_folder = run("index", str(tmp_path / "nope"), "--model", "no-such-model")
+    # refused before the model loads (an unknown one would say so) and before a library exists
+    assert missing_folder.exit_code == 2 and "does not exist" in missing_folder.output
+    assert not (tmp_path / "lib").exists()
     bad_model = run("index", str(tmp_path), "--model", "no-such-model")
     assert bad_model.exit_code == 1 and "unknown model" in bad_model.output
 
@@ -170,7 +187,7 @@ def test_switching_models_with_reindex_embeds_everything_again(
     run, indexed, photos: Path, tiny_spec: str
 ) -> None:
     switched = run("index", str(photos), "--model", tiny_spec, "--reindex", "-q", "--json")
-    assert switched.exit_code == 0, switched.output
+    assert switched.exit_code == cli.INCOMPLETE, switched.output
     assert json.loads(switched.output)["added"] == 2
     assert json.loads(run("info", "--json").output)["model"] == tiny_spec
 
@@ -248,3 +265,33 @@ def test_the_cli_and_the_server_use_only_the_public_api() -> None:
                 owner = node.value
                 mine = isinstance(owner, ast.Name) and owner.id == "self"
                 assert mine or node.attr.startswith("__"), (module, node.attr, node.lineno)
+
+
+def test_a_name_that_is_not_utf8_is_indexed_found_and_shown_escaped(
+    run, tmp_path: Path, color_model: str
+) -> None:
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    make_photo(folder / "blue.jpg", color=(0, 0, 255))
+    make_photo(folder / "white.jpg", color=(255, 255, 255))
+    odd = os.fsdecode(os.fsencode(folder) + b"/latin1_\xe9\xff.jpg")
+    make_photo(odd, color=(255, 0, 0))
+    shown = f"{folder}/latin1_\\xe9\\xff.jpg"
+
+    indexed = run("index", str(folder), "--model", color_model, "--workers", "0", "--json")
+    assert indexed.exit_code == 0, indexed.output
+    assert json.loads(indexed.output)["added"] == 3
+    found = run("search", "red", "-k", "1")
+    assert found.exit_code == 0 and found.output.split()[2] == shown
+    assert json.loads(run("search", "red", "-k", "1", "--json").output)[0]["path"] == shown
+    assert Library.open(tmp_path / "lib").search("red", k=1)[0].path == odd  # the real name
+
+    os.unlink(odd)
+    with open(odd, "wb") as broken:
+        broken.write(b"not a photo")
+    again = run("index", str(folder), "--workers", "0", "-q")
+    assert again.exit_code == cli.INCOMPLETE
+    assert f"not indexed: {shown}: not an image" in again.output
+    listed = run("info")
+    assert f"not indexed: {shown}: not an image" in listed.output
+    assert json.loads(run("info", "--json").output)["failures"] == [[shown, "not an image"]]

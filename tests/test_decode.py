@@ -410,8 +410,8 @@ def test_raw_data_under_an_unknown_name_is_found_by_trying(
 @pytest.mark.parametrize(
     ("module", "name", "reason"),
     [
-        ("rawpy", "shot.cr2", "unsupported format: camera RAW needs rawpy"),
-        ("pillow_heif", "phone.HEIC", "unsupported format: HEIC needs pillow-heif"),
+        ("rawpy", "shot.cr2", "unsupported format: camera RAW files need the raw extra"),
+        ("pillow_heif", "phone.HEIC", "unsupported format: HEIC/HEIF photos need the heic extra"),
     ],
 )
 def test_optional_formats_without_their_decoder_say_what_to_install(

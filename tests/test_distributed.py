@@ -195,5 +195,5 @@ def test_cli_index_ray_flag_and_a_folder_given_as_its_address(tmp_path: Path, ph
     assert wrong.exit_code == 2 and "not a Ray address" in wrong.output
 
     done = runner.invoke(main, [*base, str(photos), "--ray", "--json"])
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 3, done.output  # the folder's one broken photo
     assert json.loads(done.output)["added"] == PHOTOS

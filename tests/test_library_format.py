@@ -45,7 +45,7 @@ def test_a_0_1_0_library_is_migrated_in_place_and_keeps_every_row(old_library: P
         "/photos-0.1.0/sub/blue.png",
     ]
     assert states["/photos-0.1.0/red.jpg"].id == 1  # ids (and so the vector index) survive
-    assert store.counts() == {"ok": 3, "failed": 1}
+    assert store.counts() == {"ok": 3, "failed": 1, "skipped": 0}
     assert store.failures() == [("/photos-0.1.0/broken.jpg", "cannot decode: truncated file")]
     assert store.folders() == ["/photos-0.1.0"]
     assert store.get_setting("model") == "test:color"

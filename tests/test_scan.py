@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from imagegen import UNICODE_NAME, make_photo, make_text
+from PIL import Image
 
 from pixseek.indexer import scan as scan_module
 from pixseek.indexer.scan import (
@@ -21,6 +22,7 @@ from pixseek.indexer.scan import (
     FileEntry,
     scan,
     supported_extensions,
+    unsupported_reason,
 )
 
 
@@ -193,8 +195,11 @@ def test_folder_named_like_an_image_is_entered_not_yielded(tmp_path: Path) -> No
     assert names(tmp_path) == ["holiday.jpg/beach.png"]
 
 
-def test_base_extensions_are_lower_case_with_dot() -> None:
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == BASE_EXTENSIONS
+def test_base_extensions_are_lower_case_with_dot_and_hold_jpeg2000_and_netpbm() -> None:
+    assert all(ext == ext.lower() and ext.startswith(".") for ext in BASE_EXTENSIONS)
+    assert {".jpg", ".png", ".webp", ".tif", ".jp2", ".pnm", ".pbm", ".pgm", ".ppm"} < (
+        BASE_EXTENSIONS
+    )
 
 
 def test_optional_formats_are_listed_only_when_their_decoder_imports(
@@ -211,14 +216,23 @@ def test_optional_formats_are_listed_only_when_their_decoder_imports(
     assert supported_extensions() == BASE_EXTENSIONS | RAW_EXTENSIONS | HEIF_EXTENSIONS
 
 
-def test_raw_and_heic_files_are_skipped_without_their_decoders(
+def test_raw_and_heic_files_are_found_without_their_decoders_and_say_which_extra(
     tmp_path: Path, extras_absent: None
 ) -> None:
     make_photo(tmp_path / "a.jpg")
     make_text(tmp_path / "b.cr2")
     make_text(tmp_path / "c.HEIC")
 
-    assert names(tmp_path) == ["a.jpg"]
+    assert names(tmp_path) == ["a.jpg", "b.cr2", "c.HEIC"]
+    assert unsupported_reason(str(tmp_path / "a.jpg")) is None
+    assert "pixseek[raw]" in unsupported_reason(str(tmp_path / "b.cr2"))
+    assert "pixseek[heic]" in unsupported_reason(str(tmp_path / "c.HEIC"))
+
+
+def test_every_listed_format_is_one_pillow_opens() -> None:
+    Image.init()
+    registered = Image.registered_extensions()
+    assert all(registered[ext] in Image.OPEN or ext == ".mpo" for ext in BASE_EXTENSIONS)
 
 
 def test_file_entry_is_immutable_and_picklable() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pixseek.indexer.store import FAILED, OK, NewImage, Store
+from pixseek.indexer.store import FAILED, OK, SKIPPED, NewImage, Store
 
 DIM = 4
 
@@ -48,5 +48,5 @@ def test_write_batch_inserts_new_paths_and_replaces_known_ones_in_place(tmp_path
     np.testing.assert_array_equal(store.vector_of(a.id), _vector(2))
     np.testing.assert_array_equal(store.vector_of(c.id), _vector(4))
     assert store.generation == generation + 1
-    assert store.counts() == {OK: 2, FAILED: 1}
+    assert store.counts() == {OK: 2, FAILED: 1, SKIPPED: 0}
     store.close()
