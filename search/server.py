@@ -4,9 +4,10 @@ Safety: files are served only when the library indexed them and are named by id,
 path from the client, and only while the file on disk is still the one indexed
 (:meth:`Library.open_image`); the only client paths accepted (``under``) are checked to lie
 inside the library's folders and only filter results. Every number and text a client sends
-is bounded, and URLs past ``MAX_URL`` are answered 414. Without a token the server answers only to
-loopback host names, so other web pages cannot reach it by DNS rebinding; with a token, every
-request must carry it (header, cookie, or ``?token=`` once, which sets the cookie).
+is bounded, and URLs past ``MAX_URL`` are answered 414. Without a token the server answers
+only to loopback host names, so other web pages cannot reach it by DNS rebinding; with a
+token, every request must carry it (header, cookie, or ``?token=`` once, which sets the
+cookie).
 
 Concurrency: one warm model; searches run in FastAPI's thread pool side by side, taking turns
 only for the model's and the captioner's passes (the :class:`Library` does that); an upload
