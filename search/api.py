@@ -217,11 +217,18 @@ class Library:
         return self.load_model().encoder
 
     def _record_model(self) -> None:
-        """Record which model builds this library, as an index run starts: the library keeps
-        using it, and refuses another unless re-indexed."""
-        model = self.load_model()
+        """Record which model builds this library, as its first index run starts: the library
+        keeps using it, and refuses another unless re-indexed. A library that has one loads
+        it only when a photo needs embedding."""
         if not self._store.get_setting("model_id"):
+            model = self.load_model()
             self._store.set_settings(model=model.spec, model_id=model.encoder.model_id)
+
+    @property
+    def model(self) -> str | None:
+        """The model this library is built with (or was opened to switch to); None until the
+        first index run picks the default one."""
+        return self._spec
 
     def load_captioner(self) -> bool:
         """Load the captioner that reranks and captions now (it otherwise loads on first use);
@@ -267,7 +274,7 @@ class Library:
             if ray:
                 runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
             else:
-                runner = Local(self._encoder(), workers)
+                runner = Local(self._encoder, workers)  # loads when a photo needs embedding
             for target in targets:
                 self._store.add_folder(target)
                 report = index_folder(

@@ -1,6 +1,8 @@
 """The ``pixseek`` command: a thin click layer over pixseek.search.api.
 
 Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's own).
+The API (torch, the models, the database) is imported inside the commands that use it, so
+``--help``, ``--version`` and usage errors answer without loading any of it.
 """
 
 from __future__ import annotations
@@ -15,22 +17,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .api import DEFAULT_DEPTH, Library, LibraryError, Model, SearchResult, caption_images
+if TYPE_CHECKING:
+    from .api import Library, Model, SearchResult
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
 
 class LazyGroup(click.Group):
     """Subcommands imported only when run (click's documented pattern): ``pixseek train`` and
-    ``pixseek eval`` live in pixseek.training, which searching and indexing never import."""
+    ``pixseek eval`` live in pixseek.training, which searching and indexing never import.
+    ``--help`` lists them by the short help given here, since importing them loads torch."""
 
-    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lazy = lazy  # command name -> "module:attribute"
+        self.lazy = lazy  # command name -> ("module:attribute", short help)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -38,8 +42,19 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.lazy:
             return super().get_command(ctx, name)
-        module, _, attribute = self.lazy[name].partition(":")
+        module, _, attribute = self.lazy[name][0].partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = [
+            (name, self.lazy[name][1] if name in self.lazy else cmd.get_short_help_str(limit))
+            for name in names
+            if name in self.lazy or not (cmd := self.commands[name]).hidden
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -47,6 +62,8 @@ def user_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .api import LibraryError
+
         try:
             return func(*args, **kwargs)
         except LibraryError as exc:
@@ -97,6 +114,8 @@ def device_option(**attrs: Any) -> Callable:
 
 
 def _open(ctx: click.Context, **kwargs: Any) -> Library:
+    from .api import Library
+
     settings = ctx.ensure_object(Settings)
     library = Library.open(settings.library, device=settings.device, **kwargs)
     ctx.call_on_close(library.close)
@@ -111,8 +130,14 @@ def _notice(model: Model) -> None:
 @click.group(
     cls=LazyGroup,
     lazy={
-        "train": "pixseek.training.cli:train_command",
-        "eval": "pixseek.training.cli:eval_command",
+        "train": (
+            "pixseek.training.cli:train_command",
+            "Fine-tune pixseek-lite on captioned photos, keeping the epoch with the best recall.",
+        ),
+        "eval": (
+            "pixseek.training.cli:eval_command",
+            "Recall@1/5/10 and median rank of text->image and image->text retrieval.",
+        ),
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -178,7 +203,8 @@ def index(
     """Index FOLDERS (or re-scan every folder indexed before). Only new and changed photos
     are embedded; deleted ones are dropped. Safe to interrupt and run again."""
     library = _open(ctx, model=model, reindex=reindex)
-    _notice(library.load_model())  # loaded (and announced) before the progress bars
+    if library.model is None:  # the default model: chosen (and announced) before the bars
+        _notice(library.load_model())
     report = library.index(
         folders,
         batch_size=batch_size,
@@ -234,7 +260,7 @@ def _filters(func: Callable) -> Callable:
         click.option(
             "--rerank-depth",
             type=click.IntRange(1, 1000),
-            help=f"How many top results to rerank (default {DEFAULT_DEPTH}).",
+            help="How many top results to rerank (default 30).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]
@@ -338,6 +364,8 @@ def caption(
     ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
 ) -> None:
     """Describe each of IMAGES in a sentence (no library needed)."""
+    from .api import caption_images
+
     paths = [os.path.abspath(p.expanduser()) for p in images]
     device = ctx.ensure_object(Settings).device
     texts = caption_images(paths, captioner=captioner, device=device, beams=beams)

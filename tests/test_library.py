@@ -13,6 +13,7 @@ import pytest
 from imagegen import make_corrupt_jpeg, make_photo
 
 import pixseek.search
+import pixseek.search.models
 from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError
 from pixseek.search.api import DB_NAME
@@ -119,6 +120,20 @@ def test_rerun_embeds_only_new_changed_and_moved_files(library: Library, photos:
     assert "red.jpg" not in names(library.search("red", k=10))
     again = library.index(workers=0)  # no folder given: every folder indexed before
     assert (again.embedded, again.reused, again.unchanged) == (0, 0, 4)
+
+
+def test_an_index_run_with_nothing_changed_loads_no_model(
+    library: Library, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = []
+    real = pixseek.search.models.load_model
+    monkeypatch.setattr(pixseek.search.models, "load_model", lambda *a: loads.append(a) or real(*a))
+    with Library.open(tmp_path / "lib") as reopened:
+        assert reopened.index([photos], workers=0).unchanged == 4
+        assert loads == []
+        make_photo(photos / "new.jpg", color=(10, 200, 10))
+        assert reopened.index([photos], workers=0).added == 1
+        assert len(loads) == 1
 
 
 def test_broken_files_are_recorded_with_a_reason_not_retried(
