@@ -75,7 +75,7 @@ def read_checkpoint(path: Path, fmt: str, what: str) -> tuple[dict, dict[str, to
     if not path.is_file():
         raise EncoderError(f"no {what} checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise EncoderError(f"{path} is not a readable {what} checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != fmt:

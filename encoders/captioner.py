@@ -27,7 +27,7 @@ from .base import (
     read_checkpoint,
     shipped,
 )
-from .minilm import load_tokenizer
+from .minilm import WordPiece
 from .towers import (
     IMAGE_SIZE,
     SEQUENTIAL_TOWERS,
@@ -276,12 +276,13 @@ class PixseekCaptioner(Captioner):
         self.model = model.to(self.device).eval()
         self.preprocess = image_transform(self.config.image_size)
         self._tower: InferenceTower | None = None
-        self.tokenizer = load_tokenizer()
+        self.max_tokens = self.config.max_tokens
+        # Begin and end marks are the reduced vocabulary's own: WordPiece adds none.
+        self.tokenizer = WordPiece(self.max_tokens - 2, special_tokens=False)
         self.vocab = torch.tensor(list(vocab), dtype=torch.long)
         self.lookup = torch.full((len(self.tokenizer),), UNK, dtype=torch.long)
         self.lookup[self.vocab] = torch.arange(len(self.vocab))
         self.bos_id, self.eos_id = BOS, EOS
-        self.max_tokens = self.config.max_tokens
         self._model_id = f"{self.name}@{fingerprint_state(self.model)}"
 
     @classmethod
@@ -311,15 +312,12 @@ class PixseekCaptioner(Captioner):
         return self.model.memory(self.grid(batch))
 
     def tokenize(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=self.max_tokens - 2
-        )["input_ids"]
-        inner = self.lookup[torch.tensor(ids, dtype=torch.long)]
+        inner = self.lookup[self.tokenizer([text])["input_ids"][0]]
         return torch.cat([torch.tensor([BOS]), inner, torch.tensor([EOS])])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         ids = [int(self.vocab[t]) for t in tokens if t not in (PAD, BOS, EOS)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids)
 
     def decode(self, memory: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.model(memory, text)
