@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_data_dir
 from tqdm import tqdm
 
 from pixseek.encoders import DualEncoder, normalise_spec
@@ -27,9 +26,10 @@ from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.stages import IndexReport
 from pixseek.indexer.store import FAILED, OK, NewerLibraryError, Store
 
-from . import models, rank
+from . import models, rank, scores
 from .errors import LibraryError, ModelError
 from .models import LazyReranker, Model
+from .paths import DB_NAME, default_library_path, library_path
 from .rank import SearchResult
 from .rerank import DEFAULT_DEPTH, Reranker
 from .thumbnails import Thumbnails
@@ -45,14 +45,6 @@ __all__ = [
     "caption_images",
     "default_library_path",
 ]
-
-DB_NAME = "library.db"
-
-
-def default_library_path() -> Path:
-    """``PIXSEEK_LIBRARY`` if set, else a folder in the user's data directory."""
-    env = os.environ.get("PIXSEEK_LIBRARY")
-    return Path(env).expanduser() if env else Path(user_data_dir("pixseek")) / "library"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +142,7 @@ class Library:
         ``reindex=True`` switches an existing library to ``model``, dropping its vectors.
         ``captioner`` (default ``PIXSEEK_CAPTIONER``, else the shipped one) reranks and captions.
         """
-        folder = Path(path).expanduser() if path else default_library_path()
+        folder = library_path(path)
         db = folder / DB_NAME
         if not db.exists():
             if not create:
@@ -361,7 +353,9 @@ class Library:
         A text query's top ``rerank_depth`` (default 30) are rescored by the captioner and
         reordered: by default where a captioner tuned for this model is available; False keeps
         the vector search's order; True asks for it (an error if no captioner can load). Results
-        past the depth follow in vector-search order; ``min_score`` applies to the similarity.
+        past the depth follow in vector-search order. Each result's ``score`` is how well it
+        matches, from 0 to 1 on a fixed scale (:mod:`pixseek.search.scores`), and
+        ``min_score`` (0-1) drops those below it; the raw numbers are kept beside it.
         """
         texts, negatives = _phrases(text), _phrases(negative)
         if isinstance(image, str | os.PathLike):
@@ -371,16 +365,28 @@ class Library:
             raise LibraryError("rerank_depth must be at least 1")
         if k < 1:
             raise LibraryError("k must be at least 1")
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise LibraryError("min_score is a score from 0 to 1")
         plan = None
+        scorer = scores.scorer(None)  # a query by example alone
         if texts:
             depth = rerank_depth or DEFAULT_DEPTH
-            plan = rank.plan_rerank(rerank, texts, depth, self._encoder().name, self._captioner)
+            model = self._encoder().name
+            plan = rank.plan_rerank(rerank, texts, depth, model, self._captioner)
+            scorer = scores.scorer(model, plan.captioner if plan else None)
         filters = rank.Filters(
             _abspath(folder) if folder else None, taken_after, taken_before, min_score
         )
         index = self._refresh_index()
         return rank.rank(
-            self._store, index, query, k, exclude=exclude, filters=filters, rerank=plan
+            self._store,
+            index,
+            query,
+            k,
+            exclude=exclude,
+            filters=filters,
+            rerank=plan,
+            scorer=scorer,
         )
 
     def similar(self, image: str | os.PathLike | int, **options: Any) -> list[SearchResult]:

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import warm
+
 if TYPE_CHECKING:
-    from .api import Library, Model, SearchResult
+    from .api import Library, Model
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
@@ -62,12 +64,14 @@ def user_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .api import LibraryError
-
         try:
             return func(*args, **kwargs)
-        except LibraryError as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            from .api import LibraryError  # here, not before: a warm search imports no API
+
+            if isinstance(exc, LibraryError):
+                raise click.ClickException(str(exc)) from None
+            raise
         except KeyboardInterrupt:
             click.echo("Interrupted; what was indexed so far is kept.", err=True)
             sys.exit(130)
@@ -250,7 +254,11 @@ def _filters(func: Callable) -> Callable:
         click.option(
             "--before", type=click.DateTime(DATE_FORMATS), help="Taken on or before this date."
         ),
-        click.option("--min-score", type=float, help="Drop results scoring below this."),
+        click.option(
+            "--min-score",
+            type=click.FloatRange(0, 1),
+            help="Only results scoring at least this: the score shown, from 0 to 1.",
+        ),
         click.option(
             "--rerank/--no-rerank",
             default=None,
@@ -276,17 +284,20 @@ def _end_of_day(value: datetime | None) -> datetime | None:
     return value
 
 
-def _print_results(results: list[SearchResult], as_json: bool) -> None:
+def _print_results(results: list[dict[str, Any]], as_json: bool) -> None:
+    """Results as ``SearchResult.to_dict`` gives them: the worker's and this process's alike."""
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        click.echo(json.dumps(results, indent=2))
         return
     if not results:
         click.echo("No matching photos.", err=True)
     for rank, result in enumerate(results, 1):
-        line = f"{rank:3d}  {result.score:6.3f}  {result.path}"
-        if result.caption_score is not None:
-            line += f"  (similarity {result.similarity:.3f}, caption {result.caption_score:.2f})"
-        click.echo(line + (f"  {result.caption}" if result.caption else ""))
+        line = f"{rank:3d}  {result['score']:4.2f}  {result['path']}"
+        click.echo(line + (f"  {result['caption']}" if result["caption"] else ""))
+
+
+def _absolute(path: Path | None) -> str | None:
+    return os.path.abspath(path.expanduser()) if path is not None else None
 
 
 def _query(
@@ -298,18 +309,26 @@ def _query(
     before: datetime | None,
     min_score: float | None,
     as_json: bool,
+    image: Path | None = None,
     **query: Any,
 ) -> None:
+    """A search, answered by the library's warm worker where one runs (``pixseek.search.warm``;
+    none with ``--device``), else in this process."""
+    before = _end_of_day(before)
+    query.update(k=k, min_score=min_score, image=_absolute(image), folder=_absolute(folder))
+    settings = ctx.ensure_object(Settings)
+    if settings.device is None:
+        dates = {"taken_after": after, "taken_before": before}
+        request = {**query, **{k: d.isoformat() if d else None for k, d in dates.items()}}
+        answer = warm.ask(settings.library, request)
+        if answer is not None:
+            if "error" in answer:
+                raise click.ClickException(answer["error"])
+            _print_results(answer["results"], as_json)
+            return
     library = _open(ctx, create=False)
-    results = library.search(
-        **query,
-        k=k,
-        folder=folder,
-        taken_after=after,
-        taken_before=_end_of_day(before),
-        min_score=min_score,
-    )
-    _print_results(results, as_json)
+    results = library.search(**query, taken_after=after, taken_before=before)
+    _print_results([r.to_dict() for r in results], as_json)
 
 
 @main.command()
@@ -385,8 +404,9 @@ def caption(
 def info(ctx: click.Context, as_json: bool) -> None:
     """What the library holds: photos, failures, model, index, size on disk."""
     facts = _open(ctx, create=False).info()
+    queries = warm.status(facts.path)
     if as_json:
-        click.echo(json.dumps(facts.to_dict(), indent=2))
+        click.echo(json.dumps({**facts.to_dict(), "queries": queries}, indent=2))
         return
     click.echo(f"Library:  {facts.path}")
     click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed")
@@ -394,6 +414,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
     click.echo(f"Index:    {facts.index_kind or '-'}")
     click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
+    click.echo(f"Queries:  {queries}")
     for path, reason in facts.failures:
         click.echo(f"  failed: {path}: {reason}")
 

@@ -209,6 +209,13 @@ def test_train_and_eval_load_only_when_run() -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+def test_min_score_takes_the_shown_scores_range(run, indexed) -> None:
+    assert run("search", "red", "--min-score", "1.5").exit_code == 2
+    shown = [float(line.split()[1]) for line in run("search", "red", "-k", "3").output.splitlines()]
+    kept = run("search", "red", "-k", "3", "--min-score", str(shown[1])).output.splitlines()
+    assert len(kept) == 2
+
+
 def test_help_version_and_usage_errors_load_no_model_library() -> None:
     """They answer at once: importing the CLI and parsing arguments load no torch, numpy or API."""
     probe = (
@@ -245,8 +252,8 @@ def test_the_cli_and_the_server_use_only_the_public_api() -> None:
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("pixseek") for a in node.names), module
             elif isinstance(node, ast.ImportFrom) and (node.level or "pixseek" in node.module):
-                if node.module == "server" and module is cli:
-                    continue  # pixseek serve runs the server
+                if module is cli and (node.module == "server" or node.names[0].name == "warm"):
+                    continue  # pixseek serve runs the server; warm searches ask a worker
                 assert (node.level, node.module) == (1, "api"), (module, node.module)
                 assert {a.name for a in node.names} <= set(api.__all__), module
             elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):

@@ -57,6 +57,37 @@ def test_k_limits_results_and_min_score_drops_weak_ones(library: Library) -> Non
     assert names(strong) == ["red.jpg"]
 
 
+def test_scores_run_from_0_to_1_and_depend_on_the_photo_and_query_alone(
+    library: Library,
+) -> None:
+    everything = library.search("red", k=4)
+    assert all(0 <= r.score <= 1 for r in everything)
+    assert [r.score for r in everything] == sorted((r.score for r in everything), reverse=True)
+    alone = library.search("red", k=1, folder=Path(everything[0].path).parent)
+    assert alone[0].score == everything[0].score
+
+
+def test_min_score_filters_on_the_score_shown(library: Library) -> None:
+    everything = library.search("red", k=4)
+    floor = (everything[0].score + everything[1].score) / 2
+    assert library.search("red", k=4, min_score=floor) == everything[:1]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(LibraryError, match="from 0 to 1"):
+            library.search("red", min_score=bad)
+
+
+def test_the_scales_read_a_raw_score_the_same_way_each_time() -> None:
+    from pixseek.search import scores
+
+    scale = scores.Scale(mid=0.2, width=0.05)
+    assert scale(0.2) == 0.5 and scale(10.0) == 1.0 and scale(-10.0) == 0.0
+    assert scale(0.25) > scale(0.21) > 0.5 > scale(0.19)
+    assert scores.cosine(1.0) == 1.0 and scores.cosine(-1.0) == 0.0 and scores.cosine(0.0) == 0.5
+    calibrated = scores.scorer("pixseek-lite", "pixseek-captioner")
+    assert calibrated.similarity is scores.SIMILARITY["pixseek-lite"]
+    assert scores.scorer(None)(0.6, None) == scores.cosine(0.6)  # a query by example alone
+
+
 def test_negative_text_pushes_results_away(library: Library) -> None:
     plain = library.search("yellow", k=4)
     assert names(plain)[0] == "yellow.jpg"
