@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +33,37 @@ def package_dir(package: str) -> Path:
             f"`pip install {package.replace('_', '-')}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+    "eye_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
+
+
+@contextmanager
+def skip_random_init():
+    """Random initialisation of a model whose every weight is then loaded from a checkpoint
+    is wasted work: seconds of a cold start on a CPU. Like transformers' no_init_weights.
+    (Not the meta device: its random fills import torch's compiler, another second.)"""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, func in saved.items():
+            setattr(torch.nn.init, name, func)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -91,7 +122,7 @@ def read_checkpoint(path: Path, fmt: str, what: str) -> tuple[dict, dict[str, to
     if not path.is_file():
         raise EncoderError(f"no {what} checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise EncoderError(f"{path} is not a readable {what} checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != fmt:

@@ -26,8 +26,9 @@ from .base import (
     pick_device,
     read_checkpoint,
     shipped,
+    skip_random_init,
 )
-from .minilm import load_tokenizer
+from .minilm import WordPiece
 from .towers import (
     IMAGE_SIZE,
     SEQUENTIAL_TOWERS,
@@ -276,12 +277,13 @@ class PixseekCaptioner(Captioner):
         self.model = model.to(self.device).eval()
         self.preprocess = image_transform(self.config.image_size)
         self._tower: InferenceTower | None = None
-        self.tokenizer = load_tokenizer()
+        self.max_tokens = self.config.max_tokens
+        # Begin and end marks are the reduced vocabulary's own: WordPiece adds none.
+        self.tokenizer = WordPiece(self.max_tokens - 2, special_tokens=False)
         self.vocab = torch.tensor(list(vocab), dtype=torch.long)
         self.lookup = torch.full((len(self.tokenizer),), UNK, dtype=torch.long)
         self.lookup[self.vocab] = torch.arange(len(self.vocab))
         self.bos_id, self.eos_id = BOS, EOS
-        self.max_tokens = self.config.max_tokens
         self._model_id = f"{self.name}@{fingerprint_state(self.model)}"
 
     @classmethod
@@ -311,15 +313,12 @@ class PixseekCaptioner(Captioner):
         return self.model.memory(self.grid(batch))
 
     def tokenize(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=self.max_tokens - 2
-        )["input_ids"]
-        inner = self.lookup[torch.tensor(ids, dtype=torch.long)]
+        inner = self.lookup[self.tokenizer([text])["input_ids"][0]]
         return torch.cat([torch.tensor([BOS]), inner, torch.tensor([EOS])])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         ids = [int(self.vocab[t]) for t in tokens if t not in (PAD, BOS, EOS)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids)
 
     def decode(self, memory: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.model(memory, text)
@@ -352,9 +351,10 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[CaptionDecoder, lis
     """(decoder, vocabulary, training metadata) from a captioner checkpoint."""
     path = Path(path) if path is not None else shipped(DEFAULT_WEIGHTS)
     payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "captioner")
-    model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
+    with skip_random_init():  # every weight comes from the checkpoint or the packages
+        model = CaptionDecoder(CaptionerConfig.from_dict(payload["config"]))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise EncoderError(f"{path} does not match the captioner architecture: {exc}") from exc
     return model.eval(), payload["vocab"], payload.get("meta", {})

@@ -29,7 +29,7 @@ from pixseek.encoders.base import (
 )
 from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
-from pixseek.encoders.minilm import load_tokenizer
+from pixseek.encoders.minilm import WordPiece
 from pixseek.encoders.towers import InferenceTower, image_transform
 
 
@@ -44,7 +44,7 @@ class LiteEncoder(DualEncoder):
         self.config = model.config
         self.dim = model.config.dim
         self.preprocess = image_transform(model.config.image_size)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = WordPiece(model.config.max_tokens)
         self._model_id = f"{self.name}@{fingerprint_state(model)}"
         self._tower: InferenceTower | None = None
 
@@ -62,13 +62,7 @@ class LiteEncoder(DualEncoder):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokens as LiteModel.encode_text takes them (training uses the same call)."""
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_tokens,
-            return_tensors="pt",
-        )
+        batch = self.tokenizer(texts)
         return {
             "input_ids": batch["input_ids"].to(self.device),
             "attention_mask": batch["attention_mask"].to(self.device),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pixseek.encoders.base import EncoderError, read_checkpoint, shipped
+from pixseek.encoders.base import EncoderError, read_checkpoint, shipped, skip_random_init
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
 
 DEFAULT_WEIGHTS = "pixseek-lite.pt"
@@ -34,8 +34,9 @@ def load_model(path: str | Path | None = None) -> tuple[LiteModel, dict]:
     """Rebuild a LiteModel from a checkpoint (default: the shipped weights) -> (model, meta)."""
     path = Path(path) if path is not None else shipped(DEFAULT_WEIGHTS)
     payload, state = read_checkpoint(path, CHECKPOINT_FORMAT, "pixseek-lite")
-    model = LiteModel(LiteConfig.from_dict(payload["config"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with skip_random_init():  # every weight comes from the checkpoint or the packages
+        model = LiteModel(LiteConfig.from_dict(payload["config"]))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith(model.package_prefixes())]
     if missing or unexpected:
         raise EncoderError(

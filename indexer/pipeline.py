@@ -11,6 +11,7 @@ each write is committed on its own, so a killed run resumes.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -52,11 +53,25 @@ class Runner(Protocol):
 
 class Local:
     """Decode and embed in this process, decoding in ``workers`` DataLoader processes (by
-    default ``default_workers``), and write each batch as it is embedded."""
+    default ``default_workers``), and write each batch as it is embedded.
 
-    def __init__(self, encoder: DualEncoder, workers: int | None = None) -> None:
-        self.encoder = encoder
-        self.workers = default_workers(encoder.device) if workers is None else workers
+    ``encoder`` is the model, or a function that loads it: then it loads only when a file
+    needs embedding, so a run with nothing new or changed loads no model at all.
+    """
+
+    def __init__(
+        self, encoder: DualEncoder | Callable[[], DualEncoder], workers: int | None = None
+    ) -> None:
+        self._load = (lambda: encoder) if isinstance(encoder, DualEncoder) else encoder
+        self._workers = workers
+
+    @functools.cached_property
+    def encoder(self) -> DualEncoder:
+        return self._load()
+
+    @property
+    def workers(self) -> int:
+        return default_workers(self.encoder.device) if self._workers is None else self._workers
 
     @property
     def dim(self) -> int:
@@ -100,10 +115,9 @@ def index_folder(
     runner.prepare(store)
     report = IndexReport()
     todo, undecoded, vanished_ids = survey(store, folder, report, include_hidden, progress)
-    store.write_batch(undecoded, runner.dim)
-    with Writer(
-        store, todo, report, runner.dim, progress=progress, on_progress=on_progress
-    ) as writer:
+    dim = runner.dim if todo else 0  # nothing to embed: no model needs to load to say its width
+    store.write_batch(undecoded, dim)  # files listed with a reason, no vectors
+    with Writer(store, todo, report, dim, progress=progress, on_progress=on_progress) as writer:
         runner.run(store, writer, batch_size)
     report.removed = store.delete_ids(vanished_ids)
     report.seconds = time.perf_counter() - started

@@ -19,7 +19,6 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 from PIL import Image
-from platformdirs import user_data_dir
 from tqdm import tqdm
 
 from pixseek.encoders import DualEncoder, normalise_spec
@@ -42,10 +41,11 @@ from pixseek.indexer.store import (
     salvage,
 )
 
-from . import models, rank
+from . import models, rank, scores
 from .errors import ImageNotFound, LibraryError, ModelError
 from .files import open_indexed
 from .models import LazyReranker, Model
+from .paths import DB_NAME, default_library_path, library_path
 from .rank import SearchResult
 from .rerank import DEFAULT_DEPTH, Reranker
 from .thumbnails import Thumbnails
@@ -64,18 +64,11 @@ __all__ = [
     "printable",
 ]
 
-DB_NAME = "library.db"
 UPLOAD_DECODES = 2  # uploaded images decoded at once by one library: each may take ~1 GB
 LOCK_NAME = "index.lock"
 REPAIR_HINT = (
     "run pixseek index to keep the damaged file aside and rebuild the library from your photos"
 )
-
-
-def default_library_path() -> Path:
-    """``PIXSEEK_LIBRARY`` if set, else a folder in the user's data directory."""
-    env = os.environ.get("PIXSEEK_LIBRARY")
-    return Path(env).expanduser() if env else Path(user_data_dir("pixseek")) / "library"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +250,7 @@ class Library:
         still read (``notices`` says so); otherwise a damaged library is a ``LibraryError``.
         ``captioner`` (default ``PIXSEEK_CAPTIONER``, else the shipped one) reranks and captions.
         """
-        folder = Path(path).expanduser() if path else default_library_path()
+        folder = library_path(path)
         db = folder / DB_NAME
         if not db.exists():
             if not create or readonly:
@@ -357,11 +350,18 @@ class Library:
         return self.load_model().encoder
 
     def _record_model(self) -> None:
-        """Record which model builds this library, as an index run starts: the library keeps
-        using it, and refuses another unless re-indexed."""
-        model = self.load_model()
+        """Record which model builds this library, as its first index run starts: the library
+        keeps using it, and refuses another unless re-indexed. A library that has one loads
+        it only when a photo needs embedding."""
         if not self._store.get_setting("model_id"):
+            model = self.load_model()
             self._store.set_settings(model=model.spec, model_id=model.encoder.model_id)
+
+    @property
+    def model(self) -> str | None:
+        """The model this library is built with (or was opened to switch to); None until the
+        first index run picks the default one."""
+        return self._spec
 
     def load_captioner(self) -> bool:
         """Load the captioner that reranks and captions now (it otherwise loads on first use);
@@ -409,7 +409,7 @@ class Library:
                 if ray:
                     runner = stack.enter_context(self._embed_pool(ray, ray_gpus, workers))
                 else:
-                    runner = Local(self._encoder(), workers)
+                    runner = Local(self._encoder, workers)  # loads when a photo needs embedding
                 for target in targets:
                     self._store.add_folder(target)
                     report = index_folder(
@@ -544,7 +544,9 @@ class Library:
         A text query's top ``rerank_depth`` (default 30) are rescored by the captioner and
         reordered: by default where a captioner tuned for this model is available; False keeps
         the vector search's order; True asks for it (an error if no captioner can load). Results
-        past the depth follow in vector-search order; ``min_score`` applies to the similarity.
+        past the depth follow in vector-search order. Each result's ``score`` is how well it
+        matches, from 0 to 1 on a fixed scale (:mod:`pixseek.search.scores`), and
+        ``min_score`` (0-1) drops those below it; the raw numbers are kept beside it.
         """
         texts, negatives = _phrases(text), _phrases(negative)
         if isinstance(image, str | os.PathLike):
@@ -557,16 +559,28 @@ class Library:
             raise LibraryError("rerank_depth must be at least 1")
         if k < 1:
             raise LibraryError("k must be at least 1")
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise LibraryError("min_score is a score from 0 to 1")
         plan = None
+        scorer = scores.scorer(None)  # a query by example alone
         if texts:
             depth = rerank_depth or DEFAULT_DEPTH
-            plan = rank.plan_rerank(rerank, texts, depth, self._encoder().name, self._captioner)
+            model = self._encoder().name
+            plan = rank.plan_rerank(rerank, texts, depth, model, self._captioner)
+            scorer = scores.scorer(model, plan.captioner if plan else None)
         filters = rank.Filters(
             _abspath(folder) if folder else None, taken_after, taken_before, min_score
         )
         index = self._refresh_index()
         return rank.rank(
-            self._store, index, query, k, exclude=exclude, filters=filters, rerank=plan
+            self._store,
+            index,
+            query,
+            k,
+            exclude=exclude,
+            filters=filters,
+            rerank=plan,
+            scorer=scorer,
         )
 
     def similar(self, image: str | os.PathLike | int, **options: Any) -> list[SearchResult]:

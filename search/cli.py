@@ -4,6 +4,8 @@ Exit codes: 0 ok, 1 a user error (a message, no traceback), 2 bad usage (click's
 3 an ``index`` run that finished but could not index every file it saw (listed in its
 output, its ``--json`` ``failures`` and ``scan_errors``, and in ``pixseek info``).
 File names are shown ``printable``: bytes that are not UTF-8 as ``\\xNN``.
+The API (torch, the models, the database) is imported inside the commands that use it, so
+``--help``, ``--version`` and usage errors answer without loading any of it.
 """
 
 from __future__ import annotations
@@ -18,19 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .api import (
-    DEFAULT_DEPTH,
-    Library,
-    LibraryError,
-    Model,
-    SearchResult,
-    caption_images,
-    printable,
-)
+from . import warm
+
+if TYPE_CHECKING:
+    from .api import Library, Model
+
+
+def printable(path: str | os.PathLike[str]) -> str:
+    """A file name as the API shows it (imported on first use, as the rest of the API)."""
+    from .api import printable as shown
+
+    return shown(path)
+
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 INCOMPLETE = 3  # exit code of an index run that could not index every file it saw
@@ -38,11 +43,12 @@ INCOMPLETE = 3  # exit code of an index run that could not index every file it s
 
 class LazyGroup(click.Group):
     """Subcommands imported only when run (click's documented pattern): ``pixseek train`` and
-    ``pixseek eval`` live in pixseek.training, which searching and indexing never import."""
+    ``pixseek eval`` live in pixseek.training, which searching and indexing never import.
+    ``--help`` lists them by the short help given here, since importing them loads torch."""
 
-    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lazy = lazy  # command name -> "module:attribute"
+        self.lazy = lazy  # command name -> ("module:attribute", short help)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -50,8 +56,19 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.lazy:
             return super().get_command(ctx, name)
-        module, _, attribute = self.lazy[name].partition(":")
+        module, _, attribute = self.lazy[name][0].partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = [
+            (name, self.lazy[name][1] if name in self.lazy else cmd.get_short_help_str(limit))
+            for name in names
+            if name in self.lazy or not (cmd := self.commands[name]).hidden
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -61,8 +78,12 @@ def user_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except LibraryError as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            from .api import LibraryError  # here, not before: a warm search imports no API
+
+            if isinstance(exc, LibraryError):
+                raise click.ClickException(str(exc)) from None
+            raise
         except KeyboardInterrupt:
             click.echo("Interrupted; what was indexed so far is kept.", err=True)
             sys.exit(130)
@@ -109,6 +130,8 @@ def device_option(**attrs: Any) -> Callable:
 
 
 def _open(ctx: click.Context, **kwargs: Any) -> Library:
+    from .api import Library
+
     settings = ctx.ensure_object(Settings)
     library = Library.open(settings.library, device=settings.device, **kwargs)
     ctx.call_on_close(library.close)
@@ -123,8 +146,14 @@ def _notice(model: Model) -> None:
 @click.group(
     cls=LazyGroup,
     lazy={
-        "train": "pixseek.training.cli:train_command",
-        "eval": "pixseek.training.cli:eval_command",
+        "train": (
+            "pixseek.training.cli:train_command",
+            "Fine-tune pixseek-lite on captioned photos, keeping the epoch with the best recall.",
+        ),
+        "eval": (
+            "pixseek.training.cli:eval_command",
+            "Recall@1/5/10 and median rank of text->image and image->text retrieval.",
+        ),
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -192,8 +221,9 @@ def index(
     library = _open(ctx, model=model, reindex=reindex, repair=True)
     for line in library.notices:
         click.echo(line, err=True)
-    with library.writing():  # a second run is refused before its model loads
-        _notice(library.load_model())  # loaded (and announced) before the progress bars
+    with library.writing():  # a second run is refused before any model loads
+        if library.model is None:  # the default model: chosen (and announced) before the bars
+            _notice(library.load_model())
         report = library.index(
             folders,
             batch_size=batch_size,
@@ -242,7 +272,11 @@ def _filters(func: Callable) -> Callable:
         click.option(
             "--before", type=click.DateTime(DATE_FORMATS), help="Taken on or before this date."
         ),
-        click.option("--min-score", type=float, help="Drop results scoring below this."),
+        click.option(
+            "--min-score",
+            type=click.FloatRange(0, 1),
+            help="Only results scoring at least this: the score shown, from 0 to 1.",
+        ),
         click.option(
             "--rerank/--no-rerank",
             default=None,
@@ -252,7 +286,7 @@ def _filters(func: Callable) -> Callable:
         click.option(
             "--rerank-depth",
             type=click.IntRange(1, 1000),
-            help=f"How many top results to rerank (default {DEFAULT_DEPTH}).",
+            help="How many top results to rerank (default 30).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]
@@ -268,17 +302,20 @@ def _end_of_day(value: datetime | None) -> datetime | None:
     return value
 
 
-def _print_results(results: list[SearchResult], as_json: bool) -> None:
+def _print_results(results: list[dict[str, Any]], as_json: bool) -> None:
+    """Results as ``SearchResult.to_dict`` gives them: the worker's and this process's alike."""
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        click.echo(json.dumps(results, indent=2))
         return
     if not results:
         click.echo("No matching photos.", err=True)
     for rank, result in enumerate(results, 1):
-        line = f"{rank:3d}  {result.score:6.3f}  {printable(result.path)}"
-        if result.caption_score is not None:
-            line += f"  (similarity {result.similarity:.3f}, caption {result.caption_score:.2f})"
-        click.echo(line + (f"  {result.caption}" if result.caption else ""))
+        line = f"{rank:3d}  {result['score']:4.2f}  {result['path']}"
+        click.echo(line + (f"  {result['caption']}" if result["caption"] else ""))
+
+
+def _absolute(path: Path | None) -> str | None:
+    return os.path.abspath(path.expanduser()) if path is not None else None
 
 
 def _query(
@@ -290,18 +327,26 @@ def _query(
     before: datetime | None,
     min_score: float | None,
     as_json: bool,
+    image: Path | None = None,
     **query: Any,
 ) -> None:
+    """A search, answered by the library's warm worker where one runs (``pixseek.search.warm``;
+    none with ``--device``), else in this process."""
+    before = _end_of_day(before)
+    query.update(k=k, min_score=min_score, image=_absolute(image), folder=_absolute(folder))
+    settings = ctx.ensure_object(Settings)
+    if settings.device is None:
+        dates = {"taken_after": after, "taken_before": before}
+        request = {**query, **{k: d.isoformat() if d else None for k, d in dates.items()}}
+        answer = warm.ask(settings.library, request)
+        if answer is not None:
+            if "error" in answer:
+                raise click.ClickException(answer["error"])
+            _print_results(answer["results"], as_json)
+            return
     library = _open(ctx, readonly=True)
-    results = library.search(
-        **query,
-        k=k,
-        folder=folder,
-        taken_after=after,
-        taken_before=_end_of_day(before),
-        min_score=min_score,
-    )
-    _print_results(results, as_json)
+    results = library.search(**query, taken_after=after, taken_before=before)
+    _print_results([r.to_dict() for r in results], as_json)
 
 
 @main.command()
@@ -356,6 +401,8 @@ def caption(
     ctx: click.Context, images: tuple[Path, ...], captioner: str | None, beams: int, as_json: bool
 ) -> None:
     """Describe each of IMAGES in a sentence (no library needed)."""
+    from .api import caption_images
+
     paths = [os.path.abspath(p.expanduser()) for p in images]
     device = ctx.ensure_object(Settings).device
     texts = caption_images(paths, captioner=captioner, device=device, beams=beams)
@@ -375,8 +422,9 @@ def caption(
 def info(ctx: click.Context, as_json: bool) -> None:
     """What the library holds: photos, failures, model, index, size on disk."""
     facts = _open(ctx, readonly=True).info()
+    queries = warm.status(facts.path)
     if as_json:
-        click.echo(json.dumps(facts.to_dict(), indent=2))
+        click.echo(json.dumps({**facts.to_dict(), "queries": queries}, indent=2))
         return
     click.echo(f"Library:  {printable(facts.path)}")
     click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed, {facts.skipped} skipped")
@@ -384,6 +432,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
     click.echo(f"Index:    {facts.index_kind or '-'}")
     click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
+    click.echo(f"Queries:  {queries}")
     for path, reason in facts.failures:
         click.echo(f"  not indexed: {printable(path)}: {reason}")
 

@@ -22,6 +22,7 @@ from .errors import LibraryError
 from .models import LazyReranker
 from .query import compose
 from .rerank import FALLBACK_FUSION, FUSION, Fusion, Reranker
+from .scores import Scorer
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,8 @@ class SearchResult:
     and /api/images/{id}/original."""
     path: str
     score: float
-    """The fused score when reranked, else the similarity."""
+    """How well the photo matches, from 0 to 1 (pixseek.search.scores: 0.5 is as likely a
+    match as not); the same photo and query always score the same."""
     width: int | None
     height: int | None
     taken_at: datetime | None
@@ -47,6 +49,9 @@ class SearchResult:
     """The vector similarity to the query."""
     caption_score: float | None = None
     """The captioner's log-likelihood per token of the query (only when reranked)."""
+    fused: float | None = None
+    """The raw score the reranked order follows: similarity and caption score weighed
+    together (only when reranked)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (the date in ISO 8601, the path ``printable``), for ``--json``."""
@@ -59,7 +64,7 @@ class SearchResult:
 @dataclass(frozen=True, slots=True)
 class Filters:
     """What a result must satisfy besides matching: a folder (absolute), a capture date
-    window, a least similarity."""
+    window, a least shown score (0-1)."""
 
     folder: str | None = None
     taken_after: datetime | None = None
@@ -75,6 +80,10 @@ class Rerank:
     texts: Sequence[str]
     fusion: Fusion
     depth: int
+
+    @property
+    def captioner(self) -> str:
+        return self.reranker.captioner.name
 
 
 def query_vector(
@@ -161,9 +170,11 @@ def rank(
     exclude: set[int],
     filters: Filters,
     rerank: Rerank | None,
+    scorer: Scorer,
 ) -> list[SearchResult]:
     """The ``k`` best photos for ``query``. With ``rerank``, its depth best are rescored and
-    reordered; those past it follow in vector-search order."""
+    reordered; those past it follow in vector-search order. ``scorer`` gives the shown
+    score, which ``filters.min_score`` applies to."""
     if index is None or not index.ntotal:
         return []
     allowed = None
@@ -178,15 +189,14 @@ def rank(
     depth = rerank.depth if rerank else 0
     wanted = min(max(k, depth), index.ntotal)  # no result arrays larger than the library
     scores, ids = index.search(query[None, :], wanted + len(exclude), allowed_ids=allowed)
-    floor = filters.min_score
     hits = [
         (int(i), float(s))
         for s, i in zip(scores[0], ids[0], strict=True)
-        if i >= 0 and int(i) not in exclude and (floor is None or s >= floor)
+        if i >= 0 and int(i) not in exclude
     ][:wanted]
     rows = store.get_rows([i for i, _ in hits])
     hits = [(i, s) for i, s in hits if i in rows]
-    ranked = [(i, s, None, s) for i, s in hits]  # id, similarity, caption score, score
+    ranked = [(i, s, None, None) for i, s in hits]  # id, similarity, caption score, fused
     if rerank and hits:
         head = hits[:depth]
         rescored = rerank.reranker.rerank(
@@ -195,17 +205,21 @@ def rank(
         ranked[: len(head)] = [
             (head[r.position][0], r.similarity, r.caption_score, r.score) for r in rescored
         ]
-    return [
+    results = [
         SearchResult(
             id=i,
             path=rows[i].path,
-            score=score,
+            score=scorer(s, fused),
             width=rows[i].width,
             height=rows[i].height,
             taken_at=rows[i].taken_at,
             caption=rows[i].caption,
             similarity=s,
             caption_score=caption_score,
+            fused=fused,
         )
-        for i, s, caption_score, score in ranked[:k]
+        for i, s, caption_score, fused in ranked
     ]
+    if filters.min_score is not None:
+        results = [r for r in results if r.score >= filters.min_score]
+    return results[:k]

@@ -141,7 +141,12 @@ class SearchQuery(BaseModel):
     under: str | None = Field(None, description="Only photos inside this library folder.")
     after: date | None = Field(None, description="Taken on or after this day.")
     before: date | None = Field(None, description="Taken on or before this day.")
-    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    min_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Only results whose score (how well they match, 0-1) is at least this.",
+    )
     rerank: bool | None = Field(
         None,
         description="Rerank a text query's top results with the captioner (an error if none "

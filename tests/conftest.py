@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PIXSEEK_OFFLINE"] = "1"
 os.environ.pop("PIXSEEK_LIBRARY", None)
 os.environ.pop("PIXSEEK_MODEL", None)
+os.environ["PIXSEEK_WARM"] = "0"  # no query workers left behind; tests/test_warm.py turns it on
 
 from pathlib import Path  # noqa: E402
 

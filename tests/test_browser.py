@@ -135,8 +135,8 @@ def test_search_more_like_this_upload_and_drop(page, tmp_path: Path) -> None:
     page.press("#q", "Enter")
     wait_for_results(page, "sunset")
     assert len(tile_names(page)) == 24  # everything, ranked; all fit on one page
-    assert page.locator(".tile .score").first.inner_text().startswith("0.9")
-    assert "photos" in page.inner_text("#status")
+    assert page.locator(".tile .score").first.inner_text().startswith("match 0.9")
+    assert "scoring 0.5 or more among all 24 photos" in page.inner_text("#status")
     assert page.locator("#rerank").is_disabled()  # no captioner loads in this test
 
     screenshot = page.screenshot(path=str(tmp_path / "results.png"))

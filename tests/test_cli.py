@@ -249,6 +249,41 @@ def test_train_and_eval_load_only_when_run() -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+def test_min_score_takes_the_shown_scores_range(run, indexed) -> None:
+    assert run("search", "red", "--min-score", "1.5").exit_code == 2
+    shown = [float(line.split()[1]) for line in run("search", "red", "-k", "3").output.splitlines()]
+    kept = run("search", "red", "-k", "3", "--min-score", str(shown[1])).output.splitlines()
+    assert len(kept) == 2
+
+
+def test_help_version_and_usage_errors_load_no_model_library() -> None:
+    """They answer at once: importing the CLI and parsing arguments load no torch, numpy or API."""
+    probe = (
+        "import sys\n"
+        "from pixseek.search.cli import main\n"
+        "for args in (['--help'], ['--version'], ['search', '--help'], ['search'], ['bogus']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('torch', 'numpy', 'pixseek.search.api', 'pixseek.encoders')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_the_lazy_commands_are_listed_with_their_own_short_help() -> None:
+    for name, (_, short_help) in main.lazy.items():
+        command = main.get_command(None, name)
+        assert command.get_short_help_str(200) == short_help, name
+
+
+def test_the_rerank_depth_help_names_the_api_default() -> None:
+    listed = CliRunner().invoke(main, ["search", "--help"], terminal_width=200)
+    assert f"(default {api.DEFAULT_DEPTH})" in listed.output
+
+
 def test_the_cli_and_the_server_use_only_the_public_api() -> None:
     """They import only what pixseek.search.api exports, and touch nothing private of it."""
     for module in (cli, server):
@@ -257,8 +292,8 @@ def test_the_cli_and_the_server_use_only_the_public_api() -> None:
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("pixseek") for a in node.names), module
             elif isinstance(node, ast.ImportFrom) and (node.level or "pixseek" in node.module):
-                if node.module == "server" and module is cli:
-                    continue  # pixseek serve runs the server
+                if module is cli and (node.module == "server" or node.names[0].name == "warm"):
+                    continue  # pixseek serve runs the server; warm searches ask a worker
                 assert (node.level, node.module) == (1, "api"), (module, node.module)
                 assert {a.name for a in node.names} <= set(api.__all__), module
             elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):

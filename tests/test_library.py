@@ -13,6 +13,7 @@ import pytest
 from imagegen import make_corrupt_jpeg, make_photo
 
 import pixseek.search
+import pixseek.search.models
 from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError
 from pixseek.search.api import DB_NAME
@@ -54,6 +55,37 @@ def test_k_limits_results_and_min_score_drops_weak_ones(library: Library) -> Non
     assert len(library.search("red", k=2)) == 2
     strong = library.search("red", k=4, min_score=0.9)
     assert names(strong) == ["red.jpg"]
+
+
+def test_scores_run_from_0_to_1_and_depend_on_the_photo_and_query_alone(
+    library: Library,
+) -> None:
+    everything = library.search("red", k=4)
+    assert all(0 <= r.score <= 1 for r in everything)
+    assert [r.score for r in everything] == sorted((r.score for r in everything), reverse=True)
+    alone = library.search("red", k=1, folder=Path(everything[0].path).parent)
+    assert alone[0].score == everything[0].score
+
+
+def test_min_score_filters_on_the_score_shown(library: Library) -> None:
+    everything = library.search("red", k=4)
+    floor = (everything[0].score + everything[1].score) / 2
+    assert library.search("red", k=4, min_score=floor) == everything[:1]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(LibraryError, match="from 0 to 1"):
+            library.search("red", min_score=bad)
+
+
+def test_the_scales_read_a_raw_score_the_same_way_each_time() -> None:
+    from pixseek.search import scores
+
+    scale = scores.Scale(mid=0.2, width=0.05)
+    assert scale(0.2) == 0.5 and scale(10.0) == 1.0 and scale(-10.0) == 0.0
+    assert scale(0.25) > scale(0.21) > 0.5 > scale(0.19)
+    assert scores.cosine(1.0) == 1.0 and scores.cosine(-1.0) == 0.0 and scores.cosine(0.0) == 0.5
+    calibrated = scores.scorer("pixseek-lite", "pixseek-captioner")
+    assert calibrated.similarity is scores.SIMILARITY["pixseek-lite"]
+    assert scores.scorer(None)(0.6, None) == scores.cosine(0.6)  # a query by example alone
 
 
 def test_negative_text_pushes_results_away(library: Library) -> None:
@@ -119,6 +151,20 @@ def test_rerun_embeds_only_new_changed_and_moved_files(library: Library, photos:
     assert "red.jpg" not in names(library.search("red", k=10))
     again = library.index(workers=0)  # no folder given: every folder indexed before
     assert (again.embedded, again.reused, again.unchanged) == (0, 0, 4)
+
+
+def test_an_index_run_with_nothing_changed_loads_no_model(
+    library: Library, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = []
+    real = pixseek.search.models.load_model
+    monkeypatch.setattr(pixseek.search.models, "load_model", lambda *a: loads.append(a) or real(*a))
+    with Library.open(tmp_path / "lib") as reopened:
+        assert reopened.index([photos], workers=0).unchanged == 4
+        assert loads == []
+        make_photo(photos / "new.jpg", color=(10, 200, 10))
+        assert reopened.index([photos], workers=0).added == 1
+        assert len(loads) == 1
 
 
 def test_broken_files_are_recorded_with_a_reason_not_retried(

@@ -71,7 +71,16 @@ def test_every_hostile_file_is_indexed_or_listed_with_a_reason(
     assert "new\\nline" not in shown  # indexed, so not listed; and no name splits a line
     assert all(
         line.startswith(
-            ("  not indexed: ", "Library", "Photos", "Folders", "Model", "Index", "On disk")
+            (
+                "  not indexed: ",
+                "Library",
+                "Photos",
+                "Folders",
+                "Model",
+                "Index",
+                "On disk",
+                "Queries",
+            )
         )
         for line in shown.splitlines()
     )

@@ -19,7 +19,7 @@ import pixseek.training.cli
 from pixseek.encoders.base import EncoderError
 from pixseek.encoders.captioner import Captioner
 from pixseek.indexer.store import Store
-from pixseek.search import Library, LibraryError
+from pixseek.search import Library, LibraryError, scores
 from pixseek.search.api import DB_NAME
 from pixseek.search.cli import main
 from pixseek.search.rerank import DEFAULT_DEPTH, FUSION, Fusion, Reranker
@@ -184,7 +184,8 @@ def test_rerank_off_gives_exactly_the_vector_search_order(
     for text in ("a blue photo", "red", "something yellow and green"):
         off = library.search(text, k=4, rerank=False)
         assert [r.id for r in off] == vector_order(library, text, 4)
-        assert all(r.caption_score is None and r.score == r.similarity for r in off)
+        assert all(r.caption_score is None and r.fused is None for r in off)
+        assert all(r.score == scores.cosine(r.similarity) for r in off)  # an uncalibrated model
     assert captioner.encoded == 0
 
 
@@ -195,7 +196,8 @@ def test_rerank_fuses_scores_down_to_the_depth(
     assert Path(default[0].path).name == "green.jpg"
     assert all(r.caption_score is not None for r in default)
     for r in default:
-        assert r.score == pytest.approx(r.similarity + 0.1 * r.caption_score)
+        assert r.fused == pytest.approx(r.similarity + 0.1 * r.caption_score)
+        assert r.score == scores.FALLBACK_FUSED(r.fused)  # shown on the shipped pair's scale
     shallow = library.search("a green photo", k=4, rerank=True, rerank_depth=2)
     assert [r.caption_score is not None for r in shallow] == [True, True, False, False]
     assert [r.id for r in shallow[2:]] == vector_order(library, "a green photo", 4)[2:]
@@ -256,9 +258,9 @@ def test_cli_rerank_flags(run) -> None:
     assert [r["caption_score"] is not None for r in deep[:3]] == [True, True, False]
     assert deep[0]["caption"] == "a blue photo"
     off = json.loads(run("search", "a blue photo", "--no-rerank", "--json").output)
-    assert all(r["caption_score"] is None and r["score"] == r["similarity"] for r in off)
-    text = run("search", "a blue photo", "-k", "1").output
-    assert "caption" in text and "a blue photo" in text
+    assert all(r["caption_score"] is None and r["fused"] is None for r in off)
+    text = run("search", "a blue photo", "-k", "1").output.split()
+    assert 0 <= float(text[1]) <= 1 and text[-3:] == ["a", "blue", "photo"]  # raw numbers: --json
     assert run("search", "blue", "--rerank-depth", "0").exit_code == 2
 
 

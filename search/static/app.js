@@ -85,8 +85,7 @@ async function loadMore() {
     if (!state.rerankTouched && state.q) $("rerank").checked = page.reranked;
     state.offset += page.results.length;
     state.more = page.more && page.results.length > 0;
-    const what = `${hits.length}${state.more ? "+" : ""} photos`;
-    setStatus(hits.length ? `${what} (${page.took_ms} ms${page.reranked ? ", reranked" : ""})`
+    setStatus(hits.length ? `${countText()} (${page.took_ms} ms${page.reranked ? ", reranked" : ""})`
                           : "No matching photos.");
   } catch (error) {
     if (serial === state.serial) setStatus(error.message, true);
@@ -95,6 +94,19 @@ async function loadMore() {
     if (serial === state.serial) state.busy = false;
   }
   if (serial === state.serial && state.more && nearBottom()) loadMore(); // a tall screen
+}
+
+// Every photo is listed, best match first, so the count says how many score 0.5 or more (for a
+// calibrated model: as likely a match as not) among those shown, not that all of them match.
+function countText() {
+  const good = hits.filter((hit) => hit.score >= 0.5).length;
+  const scoring = `${good} scoring 0.5 or more`;
+  return state.more ? `${scoring} among the best ${hits.length} photos (more as you scroll)`
+                    : `${scoring} among all ${hits.length} photos, best first`;
+}
+
+function scoreText(hit) {
+  return `match ${hit.score.toFixed(2)}`;
 }
 
 function nearBottom() {
@@ -117,7 +129,8 @@ function render(results) {
     const caption = document.createElement("figcaption");
     const score = document.createElement("span");
     score.className = "score";
-    score.textContent = hit.score.toFixed(3);
+    score.textContent = scoreText(hit);
+    score.title = "How well the photo matches, from 0 to 1 (0.5: as likely a match as not)";
     const like = document.createElement("button");
     like.type = "button";
     like.className = "like";
@@ -174,7 +187,7 @@ function openViewer(index) {
   $("viewer-img").src = `${thumbnailUrl(hit.id)}?size=1280`;
   $("viewer-img").alt = hit.caption || basename(hit.path);
   $("viewer-path").textContent = hit.path;
-  const facts = [`score ${hit.score.toFixed(3)}`];
+  const facts = [scoreText(hit)];
   if (hit.taken_at) facts.push(new Date(hit.taken_at).toLocaleString());
   if (hit.width && hit.height) facts.push(`${hit.width} × ${hit.height}`);
   $("viewer-facts").textContent = facts.join(" · ");

@@ -109,7 +109,6 @@ def crop_transform() -> transforms.Compose:
     """Random-resized crop (40-100% of the photo) and a coin-flip mirror: a training view, then
     the uint8 conversion of image_transform. No colour jitter: captions name colours.
     """
-    _, _, *to_pixels = image_transform().transforms  # after resize + crop
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
@@ -118,7 +117,7 @@ def crop_transform() -> transforms.Compose:
                 interpolation=transforms.InterpolationMode.BICUBIC,
             ),
             transforms.RandomHorizontalFlip(),
-            *to_pixels,
+            transforms.PILToTensor(),
         ]
     )
 

@@ -1,0 +1,112 @@
+"""Searching with pixseek-lite runs on torch alone: its own MiniLM, WordPiece, MobileNetV2 and
+photo transform give what transformers and torchvision give, and a search imports neither."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from imagegen import make_photo
+from PIL import Image
+
+from pixseek.encoders.minilm import WordPiece, load_minilm, load_tokenizer, minilm_dir
+from pixseek.encoders.towers import image_transform, mobilenet_v2_features
+
+TEXTS = [
+    "a dog running on grass",
+    "Two children play in the SNOW!",
+    "café au lait, naïve résumé",
+    "x",
+    "a very long caption " * 30,
+]
+
+
+def test_minilm_gives_transformers_embeddings() -> None:
+    from transformers import BertModel
+
+    reference = BertModel.from_pretrained(
+        str(minilm_dir()), add_pooling_layer=False, local_files_only=True
+    ).eval()
+    ours = load_minilm().eval()
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    batch = WordPiece(64)(TEXTS)
+    with torch.inference_mode():
+        theirs = reference(**batch, output_hidden_states=True).hidden_states
+        mine = ours(**batch, output_hidden_states=True).hidden_states
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs, strict=True):
+        mask = batch["attention_mask"].bool()
+        assert torch.allclose(a[mask], b[mask], atol=1e-6, rtol=0)
+
+
+def test_wordpiece_gives_transformers_tokens_and_text() -> None:
+    reference = load_tokenizer()
+    batch = WordPiece(64)(TEXTS)
+    expected = reference(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    plain = WordPiece(20, special_tokens=False)
+    for text in TEXTS:
+        ids = plain([text])["input_ids"][0].tolist()
+        assert (
+            ids
+            == reference(text, add_special_tokens=False, truncation=True, max_length=20)[
+                "input_ids"
+            ]
+        )
+        assert plain.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert len(plain) == len(reference)
+
+
+def test_mobilenet_features_are_torchvisions() -> None:
+    from torchvision.models import mobilenet_v2
+
+    reference = mobilenet_v2().features.eval()
+    ours = mobilenet_v2_features().eval()
+    ours.load_state_dict(reference.state_dict())
+    pixels = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        assert torch.equal(ours(pixels), reference(pixels))
+
+
+@pytest.mark.parametrize("size", [(640, 480), (333, 500), (224, 300), (100, 60), (224, 224)])
+def test_image_transform_is_torchvisions(size: tuple[int, int], tmp_path: Path) -> None:
+    from torchvision import transforms
+
+    make_photo(tmp_path / "p.jpg", color=(200, 30, 60), size=size)
+    image = Image.open(tmp_path / "p.jpg").convert("RGB")
+    reference = transforms.Compose(
+        [
+            transforms.Resize(224, transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.PILToTensor(),
+        ]
+    )
+    assert torch.equal(image_transform(224)(image), reference(image))
+
+
+def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
+    tmp_path: Path,
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    make_photo(photos / "red.jpg", color=(255, 0, 0))
+    library = tmp_path / "lib"
+    probe = (
+        "import sys\n"
+        "from pixseek.search.cli import main\n"
+        f"for args in (['index', {str(photos)!r}, '--model', 'pixseek-lite', '-q'],\n"
+        "             ['search', 'something red']):\n"
+        "    try:\n"
+        f"        main(['--library', {str(library)!r}, *args])\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+        "heavy = ('transformers', 'torchvision', 'open_clip', 'torch._dynamo')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
