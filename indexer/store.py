@@ -201,7 +201,7 @@ def _readonly_uri(db_path: Path, immutable: bool) -> str:
     """A read-only SQLite URI; ``immutable`` reads a WAL database in a folder where its -shm
     file cannot be made (a read-only folder: nobody can write to it either)."""
     flag = "immutable=1" if immutable else "mode=ro"
-    return f"file:{quote(os.fspath(db_path.absolute()))}?{flag}"
+    return f"file:{quote(os.fsencode(db_path.absolute()))}?{flag}"
 
 
 def _stored_version(db_path: Path, uri: str | None = None) -> int | None:

@@ -95,3 +95,28 @@ def test_local_run_reports_progress_and_keeps_photos_under_an_unreadable_folder(
     assert (again.unchanged, again.removed) == (4, 1)  # only the photo deleted for real
     assert again.scan_errors == [(str(locked), "Permission denied")]
     assert str(locked / "away.jpg") in store.states_under(str(photos))
+
+
+def test_a_photo_skipped_for_a_missing_extra_is_decoded_once_the_extra_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    make_photo(photos / "a.jpg")
+    (photos / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    store = Store(tmp_path / "library.db")
+    without = scan_module.supported_extensions() - scan_module.HEIF_EXTENSIONS
+    monkeypatch.setattr(scan_module, "supported_extensions", lambda: without)
+    runner = Local(ColorEncoder(), workers=0)
+
+    first = index_folder(store, runner, str(photos), progress=False)
+    assert (first.added, first.skipped, first.complete) == (1, 1, False)
+    assert "pixseek[heic]" in first.failures[0][1]
+    again = index_folder(store, runner, str(photos), progress=False)
+    assert (again.unchanged, again.skipped, again.embedded) == (2, 0, 0)  # not rewritten
+
+    with_extra = without | scan_module.HEIF_EXTENSIONS
+    monkeypatch.setattr(scan_module, "supported_extensions", lambda: with_extra)
+    installed = index_folder(store, runner, str(photos), progress=False)
+    # decoded now (this fake HEIC then fails as a damaged file: the decoder saw it)
+    assert (installed.skipped, installed.failed, installed.unchanged) == (0, 1, 1)
+    store.close()
