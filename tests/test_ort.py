@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pixseek.encoders import ort
+from pixseek.encoders.captioner import CaptionDecoder, CaptionerConfig, PixseekCaptioner
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
 
@@ -92,3 +93,23 @@ def test_without_onnxruntime_torch_embeds_and_nothing_is_exported(monkeypatch, t
 
 def test_gpus_keep_torch():
     assert not ort.available(torch.device("cuda"))
+
+
+def test_the_captioner_reads_photos_as_torch_does(monkeypatch):
+    """The rerank path: the image pass of candidates (ONNX Runtime), then queries of any
+    length scored against them (torch)."""
+    torch.manual_seed(5)
+    config = CaptionerConfig(tower="tiny", vocab_size=40, width=32, layers=1, heads=2, ff=64)
+    captioner = PixseekCaptioner(CaptionDecoder(config), range(40), device="cpu")
+    batch = pixels(4)
+    queries = ["a dog", "a dog running through the grass by a lake"]
+
+    def scores() -> list[np.ndarray]:
+        memory = captioner.encode_images(batch)
+        scored = [captioner.score(memory[:n], q) for n, q in zip((4, 1), queries, strict=True)]
+        return [memory.numpy(), *scored]
+
+    fast = scores()
+    monkeypatch.setenv("PIXSEEK_ONNX", "0")
+    for got, want in zip(fast, scores(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
