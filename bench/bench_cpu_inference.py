@@ -13,11 +13,12 @@ Workloads, each on real Flickr8k dev photos and captions:
 - ``rerank-decode``: the captioner scoring one query against those 30 candidates' two views;
 - ``vit-image``: OpenCLIP ViT-B-32 (random weights, 224 px) image tower.
 
-Variants, where they apply: ``eager`` (what pixseek runs today), ``ort`` (ONNX Runtime on a
-TorchScript export, ``--threads`` intra-op threads), ``ort-int8`` (ONNX Runtime's dynamic int8
-quantization of that export), ``int8`` (torch's dynamic int8 quantization of the Linear layers),
-``channels-last`` (ViT only: pixseek-lite's tower already runs channels-last), ``compile``
-(``torch.compile``, timed after its compilation). Every variant's output is compared with
+Variants, where they apply: ``eager`` (torch, as pixseek ran before ``encoders.ort``), ``ort``
+(ONNX Runtime on a TorchScript export, ``--threads`` intra-op threads), ``ort-int8`` (ONNX
+Runtime's dynamic int8 quantization of that export), ``int8`` (torch's dynamic int8
+quantization of the Linear layers), ``channels-last`` (ViT only: pixseek-lite's tower already
+runs channels-last), ``compile`` (``torch.compile``, timed after its compilation; off with
+``--no-compile``). Every variant's output is compared with
 eager's: the largest absolute difference of unit-normalised embeddings (or of the scores).
 
 The variants of one workload take turns within each round (the machine is shared and its
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -263,6 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     args.captions = args.captions or args.names.parent / "captions.tsv"
     torch.set_num_threads(args.threads)
+    os.environ["PIXSEEK_ONNX"] = "0"  # "eager" is torch; this script builds its own sessions
 
     with tempfile.TemporaryDirectory() as work:
         suites = workloads(args, Path(work))
