@@ -8,9 +8,9 @@
 Each tool is its own install (``--rclip`` and ``--clip-retrieval`` are virtual environments
 with ``rclip`` and ``clip-retrieval`` from PyPI), run through its own command line in a fresh
 process, the way a user runs it. Per run: wall time, CPU-seconds (user + system, the process
-and its children, from ``os.wait4``) and peak resident memory (the largest process of the
-tree). Tools take turns within each round (the order rotates), so the machine's drift hits
-them alike; the table reports medians over rounds.
+and its children, from ``os.wait4``) and peak resident memory (GNU time's maximum RSS).
+Tools take turns within each round (the order rotates), so the machine's drift hits them
+alike; the table reports medians over rounds.
 
 **One model for all three.** rclip 3.3.0 runs OpenCLIP ViT-B-32-256 (ViT-B/32 at 256 px), so
 all three run that architecture, with the same random weights (open_clip, seed 0; no
@@ -192,11 +192,16 @@ class Run:
 
 
 def measure(command: list[str], *, env: dict | None = None, cwd: Path | None = None) -> Run:
-    """Run a command to its end: wall time, CPU-seconds of its process tree, peak RSS."""
-    with tempfile.TemporaryFile() as out:
+    """Run a command to its end: wall time, CPU-seconds of its process tree, peak RSS.
+
+    The peak comes from GNU time, which forks the command from its own small process: a child
+    that Python starts directly inherits this (larger) process's peak RSS into its own
+    ``ru_maxrss`` at exec, which made small tools look as big as the benchmark.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            command,
+            ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -209,7 +214,8 @@ def measure(command: list[str], *, env: dict | None = None, cwd: Path | None = N
             out.seek(0)
             tail = out.read().decode(errors="replace")[-3000:]
             raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{tail}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+        peak_kb = int(peak.read().split()[-1])
+    return Run(wall, usage.ru_utime + usage.ru_stime, peak_kb / 1024)
 
 
 def output_of(command: list[str], env: dict | None = None) -> str:
