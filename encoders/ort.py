@@ -1,7 +1,8 @@
 """ONNX Runtime for inference on a CPU: a torch module exported once, cached, run by a session.
 
-On this project's 2-core CPU, ONNX Runtime ran pixseek-lite's towers several times faster
-than eager torch with the same numbers (fp32 rounding apart; ``bench/bench_cpu_inference.py``,
+On this project's 2-core CPU, ONNX Runtime ran pixseek-lite's towers 1.5-2.5x faster than
+eager torch on a quiet core, and 6-14x on a busy machine where torch's threads spin, with
+the same numbers (fp32 rounding apart; ``bench/bench_cpu_inference.py``,
 BENCHMARKS.md). Torch stays the one definition of every model (training, GPUs, the export
 itself); a module becomes a graph file in the user's cache on first use, keyed by the
 caller's key (the weights' fingerprint) and the torch version that traced it, and later
