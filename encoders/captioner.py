@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import ort
 from .base import (
     EncoderError,
     autocast_for,
@@ -36,6 +37,7 @@ from .towers import (
     InferenceTower,
     build_backbone,
     image_transform,
+    normalise,
 )
 
 if TYPE_CHECKING:
@@ -280,6 +282,7 @@ class PixseekCaptioner(Captioner):
         self.max_tokens = self.config.max_tokens
         # Begin and end marks are the reduced vocabulary's own: WordPiece adds none.
         self.tokenizer = WordPiece(self.max_tokens - 2, special_tokens=False)
+        self._graph: ort.Graph | None = None
         self.vocab = torch.tensor(list(vocab), dtype=torch.long)
         self.lookup = torch.full((len(self.tokenizer),), UNK, dtype=torch.long)
         self.lookup[self.vocab] = torch.arange(len(self.vocab))
@@ -302,15 +305,34 @@ class PixseekCaptioner(Captioner):
     def grid(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> the CNN's last map (with the blocks the decoder carries), computed by
         the fast inference copy of the tower."""
+        return self._inference_tower()(batch)
+
+    def _inference_tower(self) -> InferenceTower:
         if self._tower is None:
             with torch.random.fork_rng():  # seeded: the random test tower is the same each time
                 torch.manual_seed(0)
                 self._tower = InferenceTower(self.model.tower(), self.device, self.config.tower)
-        return self._tower(batch)
+        return self._tower
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        if ort.available(self.device):
+            return torch.from_numpy(self._image_graph(batch)(batch))
         return self.model.memory(self.grid(batch))
+
+    def _image_graph(self, example: torch.Tensor) -> ort.Graph:
+        """The image pass as an ONNX Runtime graph (exported on first use). The decoder stays
+        in torch: its traced graph keeps the example's text length (nn.MultiheadAttention's
+        reshapes), and a graph per query length would fill the cache."""
+        if self._graph is None:
+            self._graph = ort.Graph(
+                _ImagePass(self._inference_tower(), self.config.tower, self.model),
+                {"pixels": example},
+                {"pixels": {0: "batch"}},
+                name=f"{self.name}-images",
+                key=self.model_id,
+            )
+        return self._graph
 
     def tokenize(self, text: str) -> torch.Tensor:
         inner = self.lookup[self.tokenizer([text])["input_ids"][0]]
@@ -322,6 +344,17 @@ class PixseekCaptioner(Captioner):
 
     def decode(self, memory: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.model(memory, text)
+
+
+class _ImagePass(nn.Module):
+    """uint8 pixels -> memory tokens: ``encode_images`` in one module."""
+
+    def __init__(self, tower: InferenceTower, kind: str, model: CaptionDecoder) -> None:
+        super().__init__()
+        self.tower, self.kind, self.model = tower.module, kind, model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.memory(self.tower(normalise(pixels, self.kind)).float())
 
 
 def save_checkpoint(

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from pixseek.encoders import ort
 from pixseek.encoders.base import (
     DualEncoder,
     autocast_for,
@@ -30,7 +32,7 @@ from pixseek.encoders.base import (
 from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
 from pixseek.encoders.minilm import WordPiece
-from pixseek.encoders.towers import InferenceTower, image_transform
+from pixseek.encoders.towers import InferenceTower, image_transform, normalise
 
 
 class LiteEncoder(DualEncoder):
@@ -47,6 +49,7 @@ class LiteEncoder(DualEncoder):
         self.tokenizer = WordPiece(model.config.max_tokens)
         self._model_id = f"{self.name}@{fingerprint_state(model)}"
         self._tower: InferenceTower | None = None
+        self._graphs: dict[str, ort.Graph] = {}
 
     @classmethod
     def load(
@@ -81,11 +84,61 @@ class LiteEncoder(DualEncoder):
             return l2_normalise(self.model.encode_grid(grid.to(self.device)))
 
     def embed_images(self, batch: torch.Tensor) -> np.ndarray:
+        if ort.available(self.device):
+            return _unit(self._graph("image", batch)(batch))
         return self.embed_grid(self.image_grid(batch))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenize(texts)
+        if ort.available(self.device):
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+            return _unit(self._graph("text", ids, mask)(ids, mask))
         with autocast_for(self.device):
-            return l2_normalise(self.model.encode_text(self.tokenize(texts)))
+            return l2_normalise(self.model.encode_text(tokens))
+
+    def _graph(self, which: str, *example: torch.Tensor) -> ort.Graph:
+        """The image or text path as an ONNX Runtime graph (exported on first use)."""
+        if which not in self._graphs:
+            if which == "image":
+                module, names, axes = _ImagePath(self), ["pixels"], {0: "batch"}
+            else:
+                module, names = _TextPath(self.model), ["input_ids", "attention_mask"]
+                axes = {0: "batch", 1: "length"}
+            self._graphs[which] = ort.Graph(
+                module,
+                dict(zip(names, example, strict=True)),
+                {name: axes for name in names},
+                name=f"pixseek-lite-{which}",
+                key=self.model_id,
+            )
+        return self._graphs[which]
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+class _ImagePath(nn.Module):
+    """uint8 pixels -> unnormalised embedding: what ``embed_images`` computes, in one module."""
+
+    def __init__(self, encoder: LiteEncoder) -> None:
+        super().__init__()
+        model = encoder.model
+        tower = InferenceTower(model.frozen_blocks, torch.device("cpu"), model.config.tower)
+        self.tower, self.kind = tower.module, model.config.tower
+        self.tail, self.head = model.backbone[model.tower_split :], model.image_head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(self.tower(normalise(pixels, self.kind)).float()))
+
+
+class _TextPath(nn.Module):
+    def __init__(self, model: LiteModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text({"input_ids": input_ids, "attention_mask": attention_mask})

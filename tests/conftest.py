@@ -28,6 +28,13 @@ FLICKR8K = Path(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Exported model graphs (encoders.ort) go to a folder of the test session, not the
+    user's cache; shared by all tests, as a user's cache is by all commands."""
+    os.environ["PIXSEEK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def tiny_spec() -> str:
     """A real OpenCLIP model (random, seeded weights) small enough for unit tests."""
