@@ -78,6 +78,8 @@ def user_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except click.ClickException:
+            raise
         except Exception as exc:
             from .api import LibraryError  # here, not before: a warm search imports no API
 
