@@ -6,7 +6,8 @@ later searches send their query to it over a Unix socket in the library folder
 (``warm.sock``, readable by its owner only) and print what it returns, the same results the
 process itself would find. The worker holds the library open, so an index run's new photos
 show in its next answer; it exits after ``PIXSEEK_WARM_IDLE`` seconds without a query
-(default 600), when the library's model changes, or when asked to (:func:`stop`).
+(default 600), when the library's model changes or its folder is deleted, or when asked to
+(:func:`stop`).
 
 Safety: a lock file (``warm.lock``) held for the worker's life lets one worker run per
 library and tells a live worker from a socket left by a crashed one, which the next client
@@ -27,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from .paths import DB_NAME, library_path
 SOCKET = "warm.sock"
 LOCK = "warm.lock"
 IDLE_SECONDS = 600.0
+POLL_SECONDS = 30.0  # how often an idle worker checks that its library is still there
 MAX_SOCKET_PATH = 100  # AF_UNIX paths end at 108 bytes; longer library paths stay in process
 
 
@@ -166,13 +169,19 @@ def serve(library: Path) -> None:
             finally:
                 os.umask(old)
             server.listen()
-            server.settimeout(_idle())
+            idle, last = _idle(), time.monotonic()
+            server.settimeout(min(idle, POLL_SECONDS))
             try:
                 while True:
                     try:
                         conn, _ = server.accept()
                     except TimeoutError:
-                        return
+                        # Idle long enough, or the library (or the socket) was deleted.
+                        gone = not (library / DB_NAME).exists() or not path.exists()
+                        if gone or time.monotonic() - last >= idle:
+                            return
+                        continue
+                    last = time.monotonic()
                     with conn, conn.makefile("rb") as stream:
                         request = json.loads(stream.readline() or "{}")
                         if "search" not in request:
