@@ -156,6 +156,7 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     assert manifest["counts"] == {
         "photos": 15,
         "kept": 10,
+        "unused": 0,
         "train": 7,
         "dev": 3,
         "dropped": 5,
@@ -169,13 +170,19 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     }
     assert "000000003.jpg\tphoto number 3" in (out / "captions.tsv").read_text()
 
+    # A smaller train set keeps the same dev set.
+    _run(cc3m, monkeypatch, *args, "--out", tmp_path / "small", "--dev", "3", "--train-size", "2")
+    assert (tmp_path / "small" / "dev.txt").read_text().split() == dev
+    assert (tmp_path / "small" / "train.txt").read_text().split() == train[:2]
+    assert len(list((tmp_path / "small" / "images").iterdir())) == 5
+
     # The output is a folder the training recipes read: lite trains on Flickr8k plus it,
     # starting from a checkpoint whose CNN blocks stay as they are.
     cache, first = tmp_path / "cache", tmp_path / "first.pt"
     folders = ("--data", flickr, "--cache", cache, "--threads", "1", "--batch", "4")
     tiny = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
     _run(lite, monkeypatch, *folders, *tiny, "--save", first)
-    more = ("--init", first, "--freeze-tower", "--extra", out, "--flip", "--epochs", "2")
+    more = ("--init", first, "--freeze-tower", "--extra", out, "--extra-flip", "--epochs", "2")
     _run(lite, monkeypatch, *folders, *more, "--ema", "0.9", "--save", tmp_path / "second.pt")
     assert (cache / "cc3m" / "tiny_b14_flip.npy").is_file()
     before, after = _state(first), _state(tmp_path / "second.pt")

@@ -153,6 +153,11 @@ def main() -> None:
     p.add_argument("--near", type=int, default=8, help="dHash bits apart that count as the same")
     p.add_argument("--dev", type=int, default=1000, help="pairs held out as the dev set")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-size",
+        type=int,
+        help="keep only the first N train pairs (in key order; the dev set is the same)",
+    )
     args = p.parse_args()
     start = time.time()
 
@@ -216,23 +221,26 @@ def main() -> None:
         first_of_bytes.setdefault(pair.sha256, row)
     kept = [pairs[r] for r in sorted(kept_rows)]
 
+    names = [pair.photo.name for pair in kept]
+    raw_of = {pair.photo.name: pair.photo for pair in kept}
     rng = np.random.default_rng(args.seed)
     dev_rows = set(rng.choice(len(kept), size=args.dev, replace=False).tolist())
+    train = [n for r, n in enumerate(names) if r not in dev_rows][: args.train_size]
+    dev = [n for r, n in enumerate(names) if r in dev_rows]
     images = args.out / "images"
     shutil.rmtree(images, ignore_errors=True)  # an earlier run's links may name dropped photos
     images.mkdir(parents=True)
-    for pair in kept:
-        (images / pair.photo.name).hardlink_to(pair.photo)
-    names = [pair.photo.name for pair in kept]
-    train = [n for r, n in enumerate(names) if r not in dev_rows]
-    dev = [n for r, n in enumerate(names) if r in dev_rows]
+    for name in train + dev:
+        (images / name).hardlink_to(raw_of[name])
+    used = set(train + dev)
     (args.out / "train.txt").write_text("\n".join(train) + "\n")
     (args.out / "dev.txt").write_text("\n".join(dev) + "\n")
     (args.out / "captions.tsv").write_text(
-        "image\tcaption\n" + "".join(f"{pair.photo.name}\t{pair.caption}\n" for pair in kept)
+        "image\tcaption\n"
+        + "".join(f"{p.photo.name}\t{p.caption}\n" for p in kept if p.photo.name in used)
     )
     (args.out / "provenance.tsv").write_text(
-        "image\turl\n" + "".join(f"{pair.photo.name}\t{pair.url}\n" for pair in kept)
+        "image\turl\n" + "".join(f"{p.photo.name}\t{p.url}\n" for p in kept if p.photo.name in used)
     )
     manifest = {
         "source": f"{SOURCE}@{args.commit}",
@@ -243,6 +251,7 @@ def main() -> None:
         "counts": {
             "photos": sum(1 for shard in SHARDS for _ in (raw / shard).glob("*.jpg")),
             "kept": len(kept),
+            "unused": len(kept) - len(train) - len(dev),
             "train": len(train),
             "dev": len(dev),
             "dropped": len(dropped),

@@ -88,14 +88,14 @@ class CaptionSet:
 
 
 def load_set(
-    data: Path, cache: Path, args: argparse.Namespace, model: LiteModel, crops: int
+    data: Path, cache: Path, args: argparse.Namespace, model: LiteModel, flip: bool, crops: int
 ) -> CaptionSet:
     """A folder's caches (made on first use), run through the CNN blocks no training changes."""
     blocks = CUT if model.config.tower_trainable_blocks else None
     # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
     maps = [
         torch.from_numpy(np.load(image_cache(data, cache, model.config.tower, view, blocks)))
-        for view in training_views(args.flip, crops)
+        for view in training_views(flip, crops)
     ]
     # The frozen blocks between the cache and the tuned ones (with --freeze-tower all of them,
     # then the mean the head takes) run once here instead of every epoch.
@@ -156,6 +156,7 @@ def main() -> None:
         help="more captioned folders in --data's layout (the cc3m recipe's output): their train "
         "photos join training, their dev photos are another dev set; caches in CACHE/NAME",
     )
+    p.add_argument("--extra-flip", action="store_true", help="--flip for the --extra photos")
     p.add_argument(
         "--extra-crops", type=int, default=0, help="random-crop views of the --extra photos"
     )
@@ -247,8 +248,11 @@ def main() -> None:
     if args.temperature:
         model.logit_scale.data.fill_(float(np.log(1 / args.temperature)))
         model.logit_scale.requires_grad_(False)
-    sets = [load_set(args.data, args.cache, args, model, args.crops)]
-    sets += [load_set(x, args.cache / x.name, args, model, args.extra_crops) for x in args.extra]
+    sets = [load_set(args.data, args.cache, args, model, args.flip, args.crops)]
+    sets += [
+        load_set(x, args.cache / x.name, args, model, args.extra_flip, args.extra_crops)
+        for x in args.extra
+    ]
     tail = list(model.backbone[model.tower_split :])
     if args.freeze_tower:  # the cached maps are already through these blocks, and pooled
         for i in range(model.tower_split, len(model.backbone)):
