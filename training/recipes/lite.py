@@ -9,6 +9,12 @@ shipped weights (data/MODEL_CARD.md; the other variants: BENCHMARKS.md):
         --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 12 --epochs 20 --lr 3e-3 \
         --dropout 0.1 --eval-every 4 --ema 0.98 0.99 0.995 --threads 2 --save data/pixseek-lite.pt
 
+``--extra CC3M`` adds the folder the :mod:`.cc3m` recipe makes: its train photos join
+training, its dev photos are a second dev set, and selection reads the dev sets' mean
+text->image R@1. ``--init`` continues a shipped checkpoint and ``--freeze-tower`` keeps its
+CNN, so the image side is cached once, pooled, and only the heads and MiniLM's tuned layers
+train (pixseek-lite 2; data/MODEL_CARD.md has its command).
+
 Selection is on dev only; the Flickr8k test split is never touched.
 """
 
