@@ -4,16 +4,19 @@ with the tiny CNN tower) and write weights the product loads."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from pixseek.encoders.captioner import PixseekCaptioner
 from pixseek.encoders.lite import LiteEncoder
-from pixseek.training.recipes import captioner, captioner_chain, lite, mobilenet
+from pixseek.training.recipes import captioner, captioner_chain, cc3m, lite, mobilenet
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
@@ -141,3 +144,92 @@ def test_mobilenet_recipe_keeps_the_feature_tensors_of_a_checked_file(
     written = torch.load(tmp_path / "features.pt", weights_only=True)
     assert list(written) == ["0.0.weight", "1.bias"]
     assert torch.equal(written["0.0.weight"], features["features.0.0.weight"])
+
+
+def _noise(seed: int) -> Image.Image:
+    """A photo no other seed's resembles (its difference hash is about 32 bits away)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize((64, 64), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def cc3m_mirror(tmp_path_factory, flickr: Path) -> Path:
+    """A git repository holding img2dataset shards data/00000..00004 with every kind of flaw."""
+    repo = tmp_path_factory.mktemp("mirror")
+    photos = {f"{k:09d}": _noise(k) for k in range(10)}
+    photos["000000010"] = photos["000000000"]  # the same photo again: an exact duplicate
+    photos["000000011"] = photos["000000001"].resize((60, 60))  # rescaled: a near duplicate
+    photos["000000012"] = Image.open(flickr / "images" / "7_green.jpg")  # a Flickr8k dev photo
+    photos["000000013"] = _noise(13)  # but an empty caption
+    for n, (key, image) in enumerate(photos.items()):
+        shard = repo / "data" / f"0000{n % 5}"
+        shard.mkdir(parents=True, exist_ok=True)
+        image.save(shard / f"{key}.jpg", quality=95)
+        caption = "" if key == "000000013" else f"photo number {int(key)}"
+        (shard / f"{key}.txt").write_text(caption)
+        (shard / f"{key}.json").write_text(json.dumps({"key": key, "url": f"https://x/{key}"}))
+    (repo / "data" / "00004" / "000000014.jpg").write_bytes(b"not a jpeg")
+    (repo / "data" / "00004" / "000000014.txt").write_text("a broken photo")
+    (repo / "data" / "00004" / "000000014.json").write_text("{}")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "shards"], check=True)
+    return repo
+
+
+def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev(
+    cc3m_mirror: Path, flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cc3m"
+    args = ("--mirror", cc3m_mirror / ".git", "--commit", "HEAD", "--flickr8k", flickr)
+    _run(cc3m, monkeypatch, *args, "--out", out, "--dev", "3")
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {d["image"]: (d["reason"], d.get("detail")) for d in manifest["dropped"]}
+    assert reasons["000000010.jpg"] == ("exact duplicate", "000000000.jpg")
+    assert reasons["000000011.jpg"] == ("near duplicate", "000000001.jpg")
+    flickr_photo = ("near duplicate of a Flickr8k or excluded photo", "Flickr8k dev 7_green.jpg")
+    assert reasons["000000012.jpg"] == flickr_photo
+    assert reasons["000000013.jpg"] == ("empty caption", None)
+    assert reasons["000000014.jpg"][0] == "does not decode"
+    train, dev = (out / "train.txt").read_text().split(), (out / "dev.txt").read_text().split()
+    assert len(dev) == 3 and len(train) == 7 and not set(train) & set(dev)
+    assert manifest["counts"] == {
+        "photos": 15,
+        "kept": 10,
+        "unused": 0,
+        "train": 7,
+        "dev": 3,
+        "dropped": 5,
+        "dropped_by_reason": {
+            "does not decode": 1,
+            "empty caption": 1,
+            "near duplicate of a Flickr8k or excluded photo": 1,
+            "exact duplicate": 1,
+            "near duplicate": 1,
+        },
+    }
+    assert "000000003.jpg\tphoto number 3" in (out / "captions.tsv").read_text()
+
+    # A smaller train set keeps the same dev set.
+    _run(cc3m, monkeypatch, *args, "--out", tmp_path / "small", "--dev", "3", "--train-size", "2")
+    assert (tmp_path / "small" / "dev.txt").read_text().split() == dev
+    assert (tmp_path / "small" / "train.txt").read_text().split() == train[:2]
+    assert len(list((tmp_path / "small" / "images").iterdir())) == 5
+
+    # The output is a folder the training recipes read: lite trains on Flickr8k plus it,
+    # starting from a checkpoint whose CNN blocks stay as they are.
+    cache, first = tmp_path / "cache", tmp_path / "first.pt"
+    folders = ("--data", flickr, "--cache", cache, "--threads", "1", "--batch", "4")
+    tiny = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
+    _run(lite, monkeypatch, *folders, *tiny, "--save", first)
+    more = ("--init", first, "--freeze-tower", "--extra", out, "--extra-flip", "--epochs", "2")
+    _run(lite, monkeypatch, *folders, *more, "--ema", "0.9", "--save", tmp_path / "second.pt")
+    assert (cache / "cc3m" / "tiny_b14_flip.npy").is_file()
+    before, after = _state(first), _state(tmp_path / "second.pt")
+    tower = [k for k in before if k.startswith("backbone.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert not torch.equal(before["text_head.1.weight"], after["text_head.1.weight"])
+    meta = torch.load(tmp_path / "second.pt", weights_only=False)["meta"]
+    assert set(meta["dev"]) == {"t2i_r1", "epoch", flickr.name, "cc3m"}
+    assert "cc3m train (7 images, 7 captions)" in meta["trained_on"]

@@ -9,6 +9,12 @@ shipped weights (data/MODEL_CARD.md; the other variants: BENCHMARKS.md):
         --pool mean --text-layers 3 --tower-blocks 5 --flip --crops 12 --epochs 20 --lr 3e-3 \
         --dropout 0.1 --eval-every 4 --ema 0.98 0.99 0.995 --threads 2 --save data/pixseek-lite.pt
 
+``--extra CC3M`` adds the folder the :mod:`.cc3m` recipe makes: its train photos join
+training, its dev photos are a second dev set, and selection reads the dev sets' mean
+text->image R@1. ``--init`` continues a shipped checkpoint and ``--freeze-tower`` keeps its
+CNN, so the image side is cached once, pooled, and only the heads and MiniLM's tuned layers
+train (pixseek-lite 2; data/MODEL_CARD.md has its command).
+
 Selection is on dev only; the Flickr8k test split is never touched.
 """
 
@@ -17,21 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pixseek.encoders.base import EncoderError
-from pixseek.encoders.lite_checkpoint import save_checkpoint
+from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.training.captions import read_split
 from pixseek.training.evaluate import KS, retrieval_metrics
 from pixseek.training.recipes.features import (
     add_folder_arguments,
     caption_cache,
+    flickr8k_folder,
     image_cache,
     training_views,
 )
@@ -58,6 +67,73 @@ class CachedCaptions:
         return {"hidden": hidden, "attention_mask": mask}
 
 
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Caption batches of several caption sets as one, padded to the longest."""
+    longest = max(b["hidden"].shape[1] for b in batches)
+
+    def padded(b: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        extra = longest - b[key].shape[1]
+        return F.pad(b[key], (0, 0, 0, extra) if b[key].ndim == 3 else (0, extra))
+
+    return {key: torch.cat([padded(b, key) for b in batches]) for key in batches[0]}
+
+
+@dataclass
+class CaptionSet:
+    """One folder's cached photos (every view) and captions: its train rows, then its dev rows."""
+
+    name: str
+    maps: list[torch.Tensor]
+    texts: CachedCaptions
+    n_train: int
+    caps_of: list[list[int]]
+
+    @property
+    def dev_grids(self) -> torch.Tensor:
+        return self.maps[0][self.n_train :]
+
+
+def load_set(
+    data: Path, cache: Path, args: argparse.Namespace, model: LiteModel, flip: bool, crops: int
+) -> CaptionSet:
+    """A folder's caches (made on first use), run through the CNN blocks no training changes."""
+    blocks = CUT if model.config.tower_trainable_blocks else None
+    # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
+    maps = [
+        torch.from_numpy(np.load(image_cache(data, cache, model.config.tower, view, blocks)))
+        for view in training_views(flip, crops)
+    ]
+    # The frozen blocks between the cache and the tuned ones (with --freeze-tower all of them,
+    # then the mean the head takes) run once here instead of every epoch.
+    fixed = model.backbone[CUT : model.tower_split] if blocks else None
+    if args.freeze_tower:
+        fixed = model.backbone[CUT:] if blocks else nn.Identity()
+    if fixed is not None:
+        with torch.inference_mode():
+            maps = [
+                torch.cat(
+                    [
+                        reduce(fixed, m[i : i + 250], args.freeze_tower)
+                        for i in range(0, len(m), 250)
+                    ]
+                )
+                for m in maps
+            ]
+    n_train = len(read_split(data / "train.txt"))
+    texts = CachedCaptions(*caption_cache(data, cache, 6 - model.config.text_trainable_layers))
+    n_used = min(args.train_limit or n_train, n_train)
+    caps_of = [[] for _ in range(n_used)]
+    for c in np.flatnonzero(texts.owner < n_used):
+        caps_of[texts.owner[c]].append(c)
+    return CaptionSet(data.name, maps, texts, n_train, caps_of)
+
+
+def reduce(blocks: nn.Module, maps: torch.Tensor, pool: bool) -> torch.Tensor:
+    """Maps through fixed blocks, fp16; mean-pooled to 1 x 1 where the head is all that trains."""
+    out = blocks(maps.float())
+    return (out.mean((2, 3), keepdim=True) if pool else out).half()
+
+
 def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions, n_train: int) -> dict:
     """Recall on the dev photos (the image rows after the ``n_train`` train ones)."""
     model.eval()
@@ -77,6 +153,30 @@ def recall(metrics: dict, direction: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_folder_arguments(p)
+    p.add_argument(
+        "--extra",
+        type=flickr8k_folder,
+        nargs="+",
+        default=[],
+        metavar="FOLDER",
+        help="more captioned folders in --data's layout (the cc3m recipe's output): their train "
+        "photos join training, their dev photos are another dev set; caches in CACHE/NAME",
+    )
+    p.add_argument("--extra-flip", action="store_true", help="--flip for the --extra photos")
+    p.add_argument(
+        "--extra-crops", type=int, default=0, help="random-crop views of the --extra photos"
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from this pixseek-lite checkpoint (its architecture replaces the options)",
+    )
+    p.add_argument(
+        "--freeze-tower",
+        action="store_true",
+        help="keep every CNN block as it is (with --init: as that checkpoint tuned it); the "
+        "mean-pooled maps are then cached once and only the heads and MiniLM layers train",
+    )
     p.add_argument("--tower", default="mobilenet_v2")
     p.add_argument("--pool", default="attention", choices=["attention", "mean"])
     p.add_argument("--text-layers", type=int, default=1, help="MiniLM layers tuned (0 = frozen)")
@@ -103,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrained-lr-scale", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument(
+        "--temperature",
+        type=float,
+        help="a fixed softmax temperature instead of the learned one (e.g. 0.05)",
+    )
+    p.add_argument(
         "--train-limit",
         type=int,
         help="train on the first N train images only (quick tower comparisons)",
@@ -127,40 +232,42 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
 
     try:
-        config = LiteConfig(
-            tower=args.tower,
-            dim=args.dim,
-            pool=args.pool,
-            width=args.width,
-            dropout=args.dropout,
-            text_trainable_layers=args.text_layers,
-            tower_trainable_blocks=args.tower_blocks,
-        )
+        if args.init:
+            model, _ = load_model(args.init)
+        else:
+            model = LiteModel(
+                LiteConfig(
+                    tower=args.tower,
+                    dim=args.dim,
+                    pool=args.pool,
+                    width=args.width,
+                    dropout=args.dropout,
+                    text_trainable_layers=args.text_layers,
+                    tower_trainable_blocks=args.tower_blocks,
+                )
+            )
     except EncoderError as exc:
         p.error(str(exc))
-    model = LiteModel(config)
-    blocks = CUT if args.tower_blocks else None
-    # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
-    maps = [
-        torch.from_numpy(np.load(image_cache(args.data, args.cache, args.tower, view, blocks)))
-        for view in training_views(args.flip, args.crops)
+    config = model.config
+    if args.freeze_tower and config.pool != "mean":
+        p.error("--freeze-tower caches mean-pooled maps, so it needs --pool mean")
+    if args.temperature:
+        model.logit_scale.data.fill_(float(np.log(1 / args.temperature)))
+        model.logit_scale.requires_grad_(False)
+    sets = [load_set(args.data, args.cache, args, model, args.flip, args.crops)]
+    sets += [
+        load_set(x, args.cache / x.name, args, model, args.extra_flip, args.extra_crops)
+        for x in args.extra
     ]
-    if args.tower_blocks:  # run the frozen blocks between the cache and the tuned ones once
-        frozen = model.frozen_blocks[CUT:]
-        with torch.inference_mode():
-            maps = [
-                torch.cat([frozen(m[i : i + 500].float()).half() for i in range(0, len(m), 500)])
-                for m in maps
-            ]
-    train_photos = len(read_split(args.data / "train.txt"))
-    dev_grids = maps[0][train_photos:]
-    texts = CachedCaptions(*caption_cache(args.data, args.cache, 6 - args.text_layers))
-    n_train = min(args.train_limit or train_photos, train_photos)
-    caps_of = [[] for _ in range(n_train)]
-    for c in np.flatnonzero(texts.owner < n_train):
-        caps_of[texts.owner[c]].append(c)
+    tail = list(model.backbone[model.tower_split :])
+    if args.freeze_tower:  # the cached maps are already through these blocks, and pooled
+        for i in range(model.tower_split, len(model.backbone)):
+            model.backbone[i] = nn.Identity()
+    # Every train photo of every set, as (set, row); image ids for the loss count across sets.
+    members = [(k, i) for k, cs in enumerate(sets) for i in range(len(cs.caps_of))]
+    first_id = np.cumsum([0] + [len(cs.maps[0]) for cs in sets])
 
-    steps = n_train * args.captions_per_image // args.batch
+    steps = len(members) * args.captions_per_image // args.batch
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.pretrained_lr_scale)
     scheduler = cosine_schedule(optimizer, args.epochs * steps, steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -168,21 +275,42 @@ def main(argv: list[str] | None = None) -> None:
     averages = {
         f"ema{d:g}": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in args.ema
     }
+
+    def evaluate(net: LiteModel) -> dict:
+        """Recall on every dev set, and their mean text->image R@1 that selection reads."""
+        per_set = {cs.name: dev_metrics(net, cs.dev_grids, cs.texts, cs.n_train) for cs in sets}
+        return {"t2i_r1": float(np.mean([m["t2i_r1"] for m in per_set.values()])), **per_set}
+
+    def describe(m: dict) -> str:
+        return " ".join(f"{name} t2i {recall(m[name], 't2i')}" for name in (cs.name for cs in sets))
+
     start, history = time.time(), []
+    if args.init:
+        m = evaluate(model)
+        print(f"epoch 0 (--init) dev {describe(m)}", flush=True)
+        history.append({"epoch": 0, **m})
     for epoch in range(args.epochs):
-        images = np.concatenate([rng.permutation(n_train) for _ in range(args.captions_per_image)])
+        order = np.concatenate(
+            [rng.permutation(len(members)) for _ in range(args.captions_per_image)]
+        )
         losses = []
         for s in range(steps):
-            idx = images[s * args.batch : (s + 1) * args.batch]
-            view = rng.integers(len(maps), size=len(idx))
-            grid = torch.stack([maps[v][i] for v, i in zip(view, idx, strict=True)]).float()
-            caps = np.array([rng.choice(caps_of[i]) for i in idx])
+            batch = [members[j] for j in order[s * args.batch : (s + 1) * args.batch]]
+            grids, ids, captions = [], [], []
+            for k, cs in enumerate(sets):
+                rows = [i for kk, i in batch if kk == k]
+                if not rows:
+                    continue
+                views = rng.integers(len(cs.maps), size=len(rows))
+                grids += [cs.maps[v][i] for v, i in zip(views, rows, strict=True)]
+                ids += [first_id[k] + i for i in rows]
+                captions.append(cs.texts.batch(np.array([rng.choice(cs.caps_of[i]) for i in rows])))
             losses.append(
                 contrastive_step(
                     model,
-                    grid,
-                    texts.batch(caps),
-                    torch.from_numpy(idx),
+                    torch.stack(grids).float(),
+                    concat_batches(captions),
+                    torch.tensor(ids),
                     optimizer,
                     scheduler,
                     scaler,
@@ -193,11 +321,11 @@ def main(argv: list[str] | None = None) -> None:
                 average.update_parameters(model)
         line = f"epoch {epoch + 1} loss {np.mean(losses):.3f} {time.time() - start:.0f}s"
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            m = dev_metrics(model, dev_grids, texts, train_photos)
-            line += f" dev t2i {recall(m, 't2i')} i2t {recall(m, 'i2t')}"
+            m = evaluate(model)
+            line += f" dev {describe(m)}"
             for name, average in averages.items():
-                m[name] = dev_metrics(average.module, dev_grids, texts, train_photos)
-                line += f" {name} t2i {recall(m[name], 't2i')}"
+                m[name] = evaluate(average.module)
+                line += f" | {name} {describe(m[name])}"
             history.append({"epoch": epoch + 1, **m})
         print(line, flush=True)
     seconds = time.time() - start
@@ -211,18 +339,27 @@ def main(argv: list[str] | None = None) -> None:
     with (args.cache / "variants.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     if args.save:
-        # The raw weights or one of their averages: whichever ends best on dev text->image R@1.
+        # The raw weights or one of their averages: whichever ends best on the dev sets' mean
+        # text->image R@1.
         last = history[-1]
         final = {"raw": last, **{n: {"epoch": last["epoch"], **last[n]} for n in averages}}
         kept = max(final, key=lambda n: final[n]["t2i_r1"])
+        net = model if kept == "raw" else averages[kept].module
+        for i, block in enumerate(tail, start=net.tower_split):  # the blocks the caches ran
+            net.backbone[i] = block
+        trained_on = ", ".join(
+            f"{cs.name} train ({len(cs.caps_of)} images, {sum(map(len, cs.caps_of))} captions)"
+            for cs in sets
+        )
         meta = {
-            "trained_on": f"Flickr8k train ({n_train} images, {sum(map(len, caps_of))} captions)",
+            "trained_on": trained_on,
+            "init": str(args.init) if args.init else None,
             "weights": kept,
             "dev": {k: v for k, v in final[kept].items() if k not in averages},
             "args": record["args"],
             "train_seconds": round(seconds),
         }
-        save_checkpoint(model if kept == "raw" else averages[kept].module, args.save, meta)
+        save_checkpoint(net, args.save, meta)
         print(f"saved {args.save} ({kept} weights)")
 
 
