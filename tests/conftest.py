@@ -55,3 +55,18 @@ def color_model(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr(pixseek.search.models, "load_encoder", load)
     monkeypatch.setattr(pixseek.search.api, "normalise_spec", lambda spec: spec)
     return COLOR_SPEC
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    """``pixseek`` in this process on a library in the test's folder: ``run("index", ...)``."""
+    from click.testing import CliRunner
+
+    from pixseek.search.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, ["--library", str(tmp_path / "lib"), *args])
+
+    return invoke

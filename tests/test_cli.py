@@ -29,16 +29,6 @@ def photos(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path: Path):
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, ["--library", str(tmp_path / "lib"), *args])
-
-    return invoke
-
-
-@pytest.fixture
 def indexed(run, photos: Path, color_model: str):
     result = run("index", str(photos), "--model", color_model, "--workers", "0", "-q")
     assert result.exit_code == cli.INCOMPLETE, result.output  # broken.jpg

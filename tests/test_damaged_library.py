@@ -15,14 +15,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from imagegen import make_photo
 
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import build_index
 from pixseek.indexer.store import Store
 from pixseek.search import Library
-from pixseek.search.cli import main
 
 PHOTOS = 24
 
@@ -67,16 +65,6 @@ def photos(tmp_path: Path) -> Path:
     for n in range(PHOTOS):
         make_photo(folder / f"p{n:02d}.png", color=(n * 6, 255 - n * 6, 90), size=(16, 12))
     return folder
-
-
-@pytest.fixture
-def run(tmp_path: Path):
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, ["--library", str(tmp_path / "lib"), *args])
-
-    return invoke
 
 
 @pytest.fixture
