@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_load import free_port, start_server  # this folder is on sys.path when run
 from clustered import clustered_vectors
 from PIL import Image, ImageDraw
 
@@ -121,32 +120,6 @@ def fill_library(folder: Path, images: int, model: str) -> Path:
         log(f"filled {images} rows in {time.perf_counter() - started:.1f} s")
         library.info()  # builds and saves the vector index now, not on the first request
     return library_path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(library_path: Path, port: int, threads: int) -> subprocess.Popen:
-    """``pixseek serve`` in a subprocess (the server must not share the clients' GIL)."""
-    command = [sys.executable, "-m", "pixseek", "--library", str(library_path)]
-    command += ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).raise_for_status()
-            return server
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    server.kill()
-    raise SystemExit("the server did not answer within 120 s")
 
 
 def load(base: str, concurrency: int, requests: int, seconds: float, rerank: bool) -> dict:

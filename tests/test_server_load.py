@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import sys
 import threading
 import time
@@ -26,9 +25,7 @@ import bench_load  # noqa: E402
 @pytest.fixture
 def served(library_path: Path) -> Iterator[str]:
     """The app on a free loopback port, run by uvicorn with serve's own settings."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = bench_load.free_port()
     app = create_app(library_path, index_workers=0)
     server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)
