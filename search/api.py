@@ -363,6 +363,13 @@ class Library:
         first index run picks the default one."""
         return self._spec
 
+    @property
+    @_store_errors
+    def model_id(self) -> str | None:
+        """The weights the library's vectors were made with, as stored (one row read: cheap
+        enough to check before every query); None until the first index run records them."""
+        return self._store.get_setting("model_id") or None
+
     def load_captioner(self) -> bool:
         """Load the captioner that reranks and captions now (it otherwise loads on first use);
         False where none can load, which reranking or captioning explains when asked for."""
@@ -629,7 +636,7 @@ class Library:
             skipped=counts[SKIPPED],
             folders=self._store.folders(),
             model=self._store.get_setting("model") or self._spec,
-            model_id=self._store.get_setting("model_id") or None,
+            model_id=self.model_id,
             index_kind=index.kind if index is not None else None,
             size_bytes=size,
             failures=self._store.failures(),

@@ -158,7 +158,7 @@ def serve(library: Path) -> None:
         lib = Library.open(library, create=False)
         lib.load_model()
         lib.load_captioner()
-        model_id = lib.info().model_id
+        model_id = lib.model_id
         path = library / SOCKET
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -187,7 +187,7 @@ def serve(library: Path) -> None:
                         if "search" not in request:
                             conn.sendall(b'{"stopped": true}\n')
                             return
-                        if lib.info().model_id != model_id:  # re-indexed with another model
+                        if lib.model_id != model_id:  # re-indexed with another model
                             return
                         try:
                             found = lib.search(**_decoded(request["search"]))
