@@ -40,8 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pixseek.encoders.registry import load_captioner, load_encoder
-from pixseek.encoders.towers import InferenceTower, image_transform, normalise
+from pixseek.encoders.captioner import PixseekCaptioner
+from pixseek.encoders.lite import LiteEncoder
+from pixseek.encoders.pixels import image_transform
+from pixseek.encoders.registry import load_encoder
+from pixseek.encoders.towers import InferenceTower, normalise
 from pixseek.indexer.decode import decode_file
 from pixseek.training.captions import read_captions
 
@@ -170,10 +173,12 @@ def workloads(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Runne
     pairs = read_captions(args.captions, args.images, args.names)[: args.batch]
     photos = [decode_file(str(path)).image for path, _ in pairs]
     texts = [captions[0] for _, captions in pairs]
-    pixels = torch.stack([image_transform()(p) for p in photos])  # (B, 3, 224, 224) uint8
+    pixels = torch.from_numpy(
+        np.stack([image_transform()(p) for p in photos])
+    )  # (B, 3, 224, 224) uint8
     out: dict[str, dict[str, Runner]] = {}
 
-    encoder = load_encoder("pixseek-lite", device="cpu")
+    encoder = LiteEncoder.load(None, "cpu")  # torch: the eager baseline
     image = LiteImage(encoder).eval()
     out["lite-image"] = {
         "eager": lambda: encoder.embed_images(pixels),
@@ -202,7 +207,7 @@ def workloads(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Runne
         "int8": lambda: unit(quantised_text(tokens["input_ids"], tokens["attention_mask"])),
     }
 
-    captioner = load_captioner("pixseek-captioner", device="cpu")
+    captioner = PixseekCaptioner.load(None, "cpu")
     candidates = pixels[: args.candidates]
     views = torch.cat([candidates, candidates.flip(-1)])  # each photo and its mirror image
     images = CaptionerImages(captioner).eval()
@@ -210,7 +215,7 @@ def workloads(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Runne
         "eager": lambda: captioner.encode_images(views),
         **ort_variants(images, (views,), ["pixels"], work, threads, "rerank-images"),
     }
-    memory = captioner.encode_images(views)
+    memory = torch.from_numpy(captioner.encode_images(views))
     query = captioner.tokenize("a dog running through the grass")[None]
     score = CaptionerScore(captioner.model).eval()
     quantised_score = CaptionerScore(int8(captioner.model)).eval()

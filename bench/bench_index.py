@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from pixseek.encoders.base import stack
 from pixseek.indexer.decode import decode_file
 from pixseek.indexer.pipeline import Local, index_folder
 from pixseek.indexer.scan import scan
@@ -83,7 +84,7 @@ def model_only(library: Library, files: list[str], batch_size: int) -> float:
     share the machine's memory with 600 tensors it never reads."""
     encoder = library.load_model().encoder
     tensors = [encoder.preprocess(decode_file(f).image) for f in files]
-    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    batches = [stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
     del tensors  # kept alive, they slowed the model by a fifth (page faults on its buffers)
     encoder.embed_images(batches[0])  # warm-up
     rates = []

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pixseek.encoders.base import stack
 from pixseek.encoders.registry import load_captioner, load_encoder
 from pixseek.search.rerank import Fusion, Reranker, fuse
 from pixseek.training.captions import read_captions
@@ -85,7 +86,7 @@ def dev(args: argparse.Namespace) -> None:
     else:
         start = time.time()
         # Each photo and its mirror image, as search reranks them.
-        memory = torch.stack(Reranker(captioner).memories([str(p) for p, _ in pairs], strict=True))
+        memory = np.stack(Reranker(captioner).memories([str(p) for p, _ in pairs], strict=True))
         caption = candidate_scores(captioner, memory, texts, cands, progress=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, caption)
@@ -185,7 +186,7 @@ def shapes(args: argparse.Namespace) -> None:
         chosen = [c for c in cases if c[3] == kind]
         images = [draw(*c[1]) for c in chosen] + [draw(*c[2]) for c in chosen]
         emb = encoder.embed_pil(images)
-        memory = captioner.encode_images(torch.stack([captioner.preprocess(i) for i in images]))
+        memory = captioner.encode_images(stack([captioner.preprocess(i) for i in images]))
         n = len(chosen)
         rows = []
         for i, (query, *_rest) in enumerate(chosen):

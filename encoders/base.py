@@ -1,18 +1,28 @@
-"""The one interface every dual encoder offers; the indexer and search know nothing else."""
+"""The two interfaces the indexer and search know models by: :class:`DualEncoder` (images and
+texts in one space) and :class:`Captioner` (how well a text describes a photo, and captions).
+
+Torch-free, like everything a search on ONNX Runtime imports (:mod:`.runtime`); the torch
+helpers of the torch-backed models are in :mod:`.torchkit`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+# uint8 pixels as ``pixels.image_transform`` makes them, one array or a stacked batch: numpy
+# on ONNX Runtime, a tensor where torch's DataLoader stacked them.
+Pixels = Union[np.ndarray, "torch.Tensor"]
 
 
 class EncoderError(RuntimeError):
@@ -22,6 +32,11 @@ class EncoderError(RuntimeError):
 def shipped(name: str) -> Path:
     """A weights file shipped in the package (``pixseek.data``), in a checkout or installed."""
     return Path(str(resources.files("pixseek.data").joinpath(name)))
+
+
+def device_type(device: object) -> str:
+    """``cpu`` or ``cuda`` for a torch.device or its name, without importing torch."""
+    return str(device).split(":")[0]
 
 
 def package_dir(package: str) -> Path:
@@ -35,119 +50,18 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "zeros_",
-    "ones_",
-    "eye_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-)
-
-
-@contextmanager
-def skip_random_init():
-    """Random initialisation of a model whose every weight is then loaded from a checkpoint
-    is wasted work: seconds of a cold start on a CPU. Like transformers' no_init_weights.
-    (Not the meta device: its random fills import torch's compiler, another second.)"""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    for name in _INIT_FUNCTIONS:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, func in saved.items():
-            setattr(torch.nn.init, name, func)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present (unless told otherwise), else the CPU. A device asked for that this
-    machine lacks is an :class:`EncoderError` now, not a traceback at the first tensor moved."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise EncoderError(f"unknown device {device!r}: use cpu or cuda") from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EncoderError(
-                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine: "
-                "use cpu (or leave the device out to take a GPU only where there is one)"
-            )
-        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise EncoderError(
-                f"device {device!r} asked for, but this machine has "
-                f"{torch.cuda.device_count()} CUDA GPU(s)"
-            )
-    return chosen
-
-
-def autocast_for(device: torch.device):
-    """Half precision on CUDA (bf16 where supported), full precision on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def fingerprint_state(module: torch.nn.Module) -> str:
-    """A cheap, stable digest of a model's weights.
-
-    Hashing every byte of a 600 MB checkpoint would cost each cold start a second or more;
-    names, shapes and a strided sample of each tensor tell two weight sets apart just as well
-    (training changes every weight).
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = torch.cat([flat[:64], flat[:: max(1, flat.numel() // 256)], flat[-64:]])
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(sample.float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def read_checkpoint(path: Path, fmt: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A checkpoint pixseek wrote: its payload and its state in float32 (stored as fp16).
-
-    Every failure (missing, unreadable, foreign file) is an EncoderError naming ``what``.
-    """
-    if not path.is_file():
-        raise EncoderError(f"no {what} checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise EncoderError(f"{path} is not a readable {what} checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise EncoderError(f"{path} is not a {what} checkpoint ({fmt})")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state"].items()}
-    return payload, state
-
-
-def l2_normalise(x: torch.Tensor) -> np.ndarray:
-    """Unit rows as float32 numpy, the form the store and FAISS take."""
-    x = x.float()
-    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)
-
-
 class DualEncoder(ABC):
     """Images and texts embedded into one space of ``dim`` unit vectors.
 
-    ``preprocess`` turns a decoded RGB image into the tensor ``embed_images`` takes; it must
-    be picklable, since decoding worker processes run it.
+    ``preprocess`` turns a decoded RGB image into the pixels ``embed_images`` takes; it must
+    be picklable, since decoding worker processes run it. ``device`` is a torch.device, or the
+    name of one for a model that runs without torch.
     """
 
     name: str
     dim: int
-    device: torch.device
-    preprocess: Callable[[Image.Image], torch.Tensor]
+    device: Any
+    preprocess: Callable[[Image.Image], Any]
 
     @property
     @abstractmethod
@@ -155,7 +69,7 @@ class DualEncoder(ABC):
         """Name plus weights fingerprint: what a library records to refuse a mismatched model."""
 
     @abstractmethod
-    def embed_images(self, batch: torch.Tensor) -> np.ndarray:
+    def embed_images(self, batch: Pixels) -> np.ndarray:
         """(B, C, H, W) preprocessed images -> (B, dim) float32 unit vectors."""
 
     @abstractmethod
@@ -164,4 +78,55 @@ class DualEncoder(ABC):
 
     def embed_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Convenience for a few already-decoded images (queries, tests)."""
-        return self.embed_images(torch.stack([self.preprocess(im) for im in images]))
+        return self.embed_images(stack([self.preprocess(im) for im in images]))
+
+
+def stack(pixels: Sequence[Pixels]) -> Pixels:
+    """One batch of preprocessed images, as the type a model's preprocess gives (numpy for
+    pixseek's own models, tensors for OpenCLIP's transforms)."""
+    if isinstance(pixels[0], np.ndarray):
+        return np.stack(pixels)
+    import torch
+
+    return torch.stack(list(pixels))
+
+
+class Captioner(ABC):
+    """A text decoder that reads a photo: how well a text describes each photo (the reranker's
+    second opinion), and captions.
+
+    The image pass is separate (``encode_images``) because it is most of the cost and depends
+    on the photo alone: the reranker keeps recent photos' memories and scores every query
+    against them. Memories are numpy arrays, whatever runs the model.
+    """
+
+    name: str
+    preprocess: Callable[[Image.Image], Any]
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """Name plus weights fingerprint."""
+
+    @abstractmethod
+    def encode_images(self, batch: Pixels) -> np.ndarray:
+        """(B, 3, H, W) preprocessed images -> (B, ...) what the decoder attends to (cacheable)."""
+
+    @abstractmethod
+    def score(self, memory: np.ndarray, text: str) -> np.ndarray:
+        """Mean log-probability per token of ``text`` as a caption of each image: (B,) floats.
+
+        Length-normalised so that fusion weights hold for short and long queries alike.
+        """
+
+    @abstractmethod
+    def generate(
+        self, memory: np.ndarray, beams: int = 3, max_tokens: int | None = None
+    ) -> list[str]:
+        """One caption per image memory, by beam search."""
+
+    def caption_images(self, images: Sequence[Image.Image], beams: int = 3) -> list[str]:
+        """Captions for already-decoded images."""
+        return self.generate(
+            self.encode_images(stack([self.preprocess(im) for im in images])), beams
+        )

@@ -1,81 +1,64 @@
-"""Captioners: a text decoder that reads an image's features, to write captions and to score
-how well a query describes a candidate photo (the reranker's second opinion).
+"""Captioners on torch: a text decoder that reads an image's features, to write captions and
+to score how well a query describes a candidate photo (the reranker's second opinion).
 
-Two backends share one interface (:class:`Captioner`): the shipped pixseek captioner, a small
+:class:`TorchCaptioner` writes scoring and beam search once over a backend's image pass,
+tokenizer and teacher-forced decoder. Two backends: the shipped pixseek captioner, a small
 Transformer decoder cross-attending to pixseek-lite's CNN grid (works offline; weights in
 ``data/pixseek-captioner.pt``), and OpenCLIP CoCa (:mod:`encoders.coca`) where it can download.
+On a CPU the pixseek captioner reranks on ONNX Runtime (:mod:`.runtime`), exported from here.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from . import ort
-from .base import (
-    EncoderError,
+from .base import Captioner, EncoderError, Pixels, shipped
+from .pixels import IMAGE_SIZE, image_transform
+from .runtime import CaptionerRuntime, Manifest, write_manifest
+from .torchkit import (
     autocast_for,
     fingerprint_state,
     pick_device,
     read_checkpoint,
-    shipped,
     skip_random_init,
 )
-from .minilm import WordPiece
-from .towers import (
-    IMAGE_SIZE,
-    SEQUENTIAL_TOWERS,
-    TOWERS,
-    InferenceTower,
-    build_backbone,
-    image_transform,
-    normalise,
-)
+from .towers import SEQUENTIAL_TOWERS, TOWERS, InferenceTower, build_backbone, normalise
+from .wordpiece import BOS, EOS, PAD, CaptionVocab, clean_caption
 
 if TYPE_CHECKING:
     from .lite_model import LiteModel
 
 DEFAULT_WEIGHTS = "pixseek-captioner.pt"
 CHECKPOINT_FORMAT = "pixseek-captioner/1"
-# Local ids of the reduced vocabulary; the kept WordPiece ids follow.
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SCORE_BATCH = 64  # memory rows per scoring run on ONNX Runtime: 30 candidates and their mirrors
 
 
-def clean_caption(text: str) -> str:
-    """Flickr captions end in " ." and queries do not: both are modelled without the full stop."""
-    return " ".join(text.split()).rstrip(" .")
+def next_token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) next-token logits and (1 or B, L) the tokens that came -> (B, L) their
+    log-probabilities."""
+    logp = logits.float().log_softmax(-1)
+    return logp.gather(-1, targets.expand(len(logp), -1)[..., None]).squeeze(-1)
 
 
-class Captioner(ABC):
-    """A captioning model seen as: cacheable image memory + teacher-forced next-token logits.
-
-    Scoring and beam search are written once here on top of those; a backend supplies the image
-    pass, its tokenizer and the decoder.
+class TorchCaptioner(Captioner):
+    """A captioning model on torch seen as: cacheable image memory + teacher-forced next-token
+    logits. Scoring and beam search are written once here on top of those; a backend supplies
+    the image pass, its tokenizer and the decoder.
     """
 
-    name: str
     device: torch.device
-    preprocess: Callable[[Image.Image], torch.Tensor]
     bos_id: int
     eos_id: int
     max_tokens: int  # longest token sequence the decoder takes, begin/end marks included
-
-    @property
-    @abstractmethod
-    def model_id(self) -> str:
-        """Name plus weights fingerprint."""
-
-    @abstractmethod
-    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, ...) what the decoder attends to (cacheable)."""
 
     @abstractmethod
     def tokenize(self, text: str) -> torch.Tensor:
@@ -94,23 +77,16 @@ class Captioner(ABC):
         """Teacher-forced decoder: memory (B, ...) and encoded text (B or 1 rows) -> (B, L, V)."""
 
     @torch.inference_mode()
-    def score(self, memory: torch.Tensor, text: str) -> np.ndarray:
-        """Mean log-probability per token of ``text`` as a caption of each image: (B,) floats.
-
-        Length-normalised so that fusion weights hold for short and long queries alike.
-        """
+    def score(self, memory: np.ndarray, text: str) -> np.ndarray:
         tokens = self.tokenize(clean_caption(text))[None].to(self.device)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        encoded = self.encode_text(inputs)
+        encoded = self.encode_text(tokens[:, :-1])
         with autocast_for(self.device):
-            logits = self.decode(memory.to(self.device), encoded)
-        logp = logits.float().log_softmax(-1)
-        picked = logp.gather(-1, targets.expand(len(logp), -1)[..., None]).squeeze(-1)
-        return picked.mean(-1).cpu().numpy()
+            logits = self.decode(torch.as_tensor(memory).to(self.device), encoded)
+        return next_token_logp(logits, tokens[:, 1:]).mean(-1).cpu().numpy()
 
     @torch.inference_mode()
     def generate(
-        self, memory: torch.Tensor, beams: int = 3, max_tokens: int | None = None
+        self, memory: np.ndarray, beams: int = 3, max_tokens: int | None = None
     ) -> list[str]:
         """Beam search, one caption per image; hypotheses ranked by mean log-probability.
 
@@ -118,7 +94,7 @@ class Captioner(ABC):
         BeamSearchScorer, which transformers 5 removed, and the pixseek decoder has none.
         """
         limit = min(max_tokens or self.max_tokens, self.max_tokens)
-        memory = memory.to(self.device).repeat_interleave(beams, 0)
+        memory = torch.as_tensor(memory).to(self.device).repeat_interleave(beams, 0)
         n = len(memory) // beams
         seqs = torch.full((n * beams, 1), self.bos_id, dtype=torch.long, device=self.device)
         totals = torch.zeros(n, beams, device=self.device)
@@ -157,11 +133,6 @@ class Captioner(ABC):
             if all(len(d) >= beams for d in done):
                 break
         return [self.detokenize(max(d)[1] if d else []) for d in done]
-
-    def caption_images(self, images: Sequence[Image.Image], beams: int = 3) -> list[str]:
-        """Captions for already-decoded images."""
-        batch = torch.stack([self.preprocess(im) for im in images])
-        return self.generate(self.encode_images(batch), beams)
 
 
 @dataclass(frozen=True)
@@ -259,12 +230,9 @@ class CaptionDecoder(nn.Module):
         return x @ self.tokens.weight.T
 
 
-class PixseekCaptioner(Captioner):
-    """The shipped captioner: pixseek-lite's CNN tower + CaptionDecoder.
-
-    ``vocab[i]`` is the MiniLM WordPiece id of local token i; WordPieces never seen in training
-    read as the unknown token, which keeps the output layer a few thousand rows wide.
-    """
+class PixseekCaptioner(TorchCaptioner):
+    """The shipped captioner: pixseek-lite's CNN tower + CaptionDecoder, over the reduced
+    vocabulary :class:`.wordpiece.CaptionVocab`."""
 
     name = "pixseek-captioner"
 
@@ -280,12 +248,7 @@ class PixseekCaptioner(Captioner):
         self.preprocess = image_transform(self.config.image_size)
         self._tower: InferenceTower | None = None
         self.max_tokens = self.config.max_tokens
-        # Begin and end marks are the reduced vocabulary's own: WordPiece adds none.
-        self.tokenizer = WordPiece(self.max_tokens - 2, special_tokens=False)
-        self._graph: ort.Graph | None = None
-        self.vocab = torch.tensor(list(vocab), dtype=torch.long)
-        self.lookup = torch.full((len(self.tokenizer),), UNK, dtype=torch.long)
-        self.lookup[self.vocab] = torch.arange(len(self.vocab))
+        self.vocab = CaptionVocab(vocab, self.max_tokens)
         self.bos_id, self.eos_id = BOS, EOS
         self._model_id = f"{self.name}@{fingerprint_state(self.model)}"
 
@@ -315,35 +278,51 @@ class PixseekCaptioner(Captioner):
         return self._tower
 
     @torch.inference_mode()
-    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        if ort.available(self.device):
-            return torch.from_numpy(self._image_graph(batch)(batch))
-        return self.model.memory(self.grid(batch))
-
-    def _image_graph(self, example: torch.Tensor) -> ort.Graph:
-        """The image pass as an ONNX Runtime graph (exported on first use). The decoder stays
-        in torch: its traced graph keeps the example's text length (nn.MultiheadAttention's
-        reshapes), and a graph per query length would fill the cache."""
-        if self._graph is None:
-            self._graph = ort.Graph(
-                _ImagePass(self._inference_tower(), self.config.tower, self.model),
-                {"pixels": example},
-                {"pixels": {0: "batch"}},
-                name=f"{self.name}-images",
-                key=self.model_id,
-            )
-        return self._graph
+    def encode_images(self, batch: Pixels) -> np.ndarray:
+        return self.model.memory(self.grid(torch.as_tensor(batch))).float().cpu().numpy()
 
     def tokenize(self, text: str) -> torch.Tensor:
-        inner = self.lookup[self.tokenizer([text])["input_ids"][0]]
-        return torch.cat([torch.tensor([BOS]), inner, torch.tensor([EOS])])
+        return torch.from_numpy(self.vocab.encode(text))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        ids = [int(self.vocab[t]) for t in tokens if t not in (PAD, BOS, EOS)]
-        return self.tokenizer.decode(ids)
+        return self.vocab.decode(tokens)
 
     def decode(self, memory: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.model(memory, text)
+
+    def export_runtime(self, weights: Path) -> CaptionerRuntime:
+        """This captioner's reranking on ONNX Runtime (:mod:`.runtime`): the image pass and
+        the scoring exported into the cache unless there already, with the manifest that lets
+        later processes load them from ``weights`` without torch."""
+        size, length = self.config.image_size, self.max_tokens
+        pixels = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+        memory = torch.zeros(SCORE_BATCH, self.config.grid_tokens, self.config.width)
+        tokens = torch.full((1, length), PAD, dtype=torch.long)
+        graphs = {
+            "images": ort.export(
+                _ImagePass(self._inference_tower(), self.config.tower, self.model),
+                {"pixels": pixels},
+                {"pixels": {0: "batch"}},
+                name=f"{self.name}-images",
+                key=self.model_id,
+            ),
+            "score": ort.export(
+                _ScorePass(self.model),
+                {"memory": memory, "tokens": tokens},
+                {},
+                name=f"{self.name}-score",
+                key=self.model_id,
+            ),
+        }
+        settings = {
+            "image_size": size,
+            "max_tokens": length,
+            "score_batch": SCORE_BATCH,
+            "vocab": self.vocab.vocab.tolist(),
+        }
+        manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
+        write_manifest(CaptionerRuntime.kind, weights, manifest)
+        return CaptionerRuntime(manifest, lambda: self)
 
 
 class _ImagePass(nn.Module):
@@ -355,6 +334,21 @@ class _ImagePass(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.memory(self.tower(normalise(pixels, self.kind)).float())
+
+
+class _ScorePass(nn.Module):
+    """Memory (B, n, width) and one text's tokens (1, L) -> (B, L - 1) the log-probability of
+    each next token: ``score`` before its mean, in one module. Exported for one text length,
+    the longest the decoder reads, and one batch (``SCORE_BATCH`` rows): nn.MultiheadAttention's
+    reshapes trace both as constants. Shorter texts are padded at the end (their scores are the
+    same, the attention being causal), fewer rows with zeros."""
+
+    def __init__(self, model: CaptionDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return next_token_logp(self.model(memory, tokens[:, :-1]), tokens[:, 1:])
 
 
 def save_checkpoint(

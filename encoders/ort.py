@@ -6,34 +6,44 @@ the same numbers (fp32 rounding apart; ``bench/bench_cpu_inference.py``,
 BENCHMARKS.md). Torch stays the one definition of every model (training, GPUs, the export
 itself); a module becomes a graph file in the user's cache on first use, keyed by the
 caller's key (the weights' fingerprint) and the torch version that traced it, and later
-processes open the file. Where ``onnxruntime`` or ``onnx`` (which torch's exporter needs) is
-not installed, or ``PIXSEEK_ONNX=0`` is set, :func:`available` says no and callers run torch.
+processes open the file, without importing torch (:mod:`.runtime`). Where ``onnxruntime``
+or ``onnx`` (which torch's exporter needs) is not installed, or ``PIXSEEK_ONNX=0`` is set,
+:func:`available` says no and callers run torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import warnings
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+from .base import device_type
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 # Bump when the exported graphs change for the same weights (a new input, a fix).
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2
 
 
-def available(device: torch.device) -> bool:
-    """Whether to run inference on ``device`` through ONNX Runtime."""
+def available(device: object = "cpu") -> bool:
+    """Whether to run inference on ``device`` (a torch.device or its name) through ONNX
+    Runtime."""
     return (
-        device.type == "cpu"
+        device_type(device) == "cpu"
         and os.environ.get("PIXSEEK_ONNX", "1") != "0"
         and all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
     )
@@ -48,34 +58,64 @@ def cache_dir() -> Path:
     return user_cache_path("pixseek") / "onnx"
 
 
+@cache
+def torch_version() -> str:
+    """The installed torch's version, read without importing torch (a second of CPU)."""
+    return importlib.metadata.version("torch")
+
+
+def graph_path(name: str, key: str) -> Path:
+    """Where the graph ``name`` of the weights ``key`` lives in the cache."""
+    digest = hashlib.sha256(f"{key}|{torch_version()}|{GRAPH_FORMAT}".encode()).hexdigest()
+    return cache_dir() / f"{name}-{digest[:16]}.onnx"
+
+
 class Graph:
-    """``module`` as an ONNX Runtime session, exported to the cache on first use.
+    """A graph file as an ONNX Runtime session: numpy arrays (or CPU tensors) in, the graph's
+    one output as float32 numpy out, inputs in the order the graph names them."""
 
-    ``example`` names the module's inputs (in ``forward``'s order) with a tensor each;
-    ``dynamic`` names, per input, the axes whose size may change (the batch, a text's
-    length). The output is the module's one tensor, as float32 numpy.
-    """
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
 
-    def __init__(
-        self,
-        module: nn.Module,
-        example: dict[str, torch.Tensor],
-        dynamic: dict[str, dict[int, str]],
-        *,
-        name: str,
-        key: str,
-    ) -> None:
-        digest = hashlib.sha256(f"{key}|{torch.__version__}|{GRAPH_FORMAT}".encode()).hexdigest()
-        path = cache_dir() / f"{name}-{digest[:16]}.onnx"
-        if not path.is_file():
-            _export(module, example, dynamic, path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: no warnings about unused initialisers
         self.path = path
-        self.inputs = list(example)
-        self.session = _session(path)
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *inputs: torch.Tensor) -> np.ndarray:
-        feeds = {name: t.numpy(force=True) for name, t in zip(self.inputs, inputs, strict=True)}
+    def __call__(self, *inputs: Any) -> np.ndarray:
+        feeds = {name: np.asarray(x) for name, x in zip(self.inputs, inputs, strict=True)}
         return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
+
+
+def threads() -> int:
+    """As many threads as torch would use: its setting where torch is loaded, else one per
+    core this process may run on (torch's default on the machines measured)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def export(
+    module: nn.Module,
+    example: dict[str, torch.Tensor],
+    dynamic: dict[str, dict[int, str]],
+    *,
+    name: str,
+    key: str,
+) -> Path:
+    """``module`` as the graph file ``name`` of the weights ``key``, traced now unless the
+    cache has it. ``example`` names the module's inputs (in ``forward``'s order) with a
+    tensor each; ``dynamic`` names, per input, the axes whose size may change (the batch, a
+    text's length)."""
+    path = graph_path(name, key)
+    if not path.is_file():
+        _export(module, example, dynamic, path)
+    return path
 
 
 def _export(
@@ -86,6 +126,8 @@ def _export(
 ) -> None:
     """Trace ``module`` to ``path``, written whole or not at all (another process may be
     exporting the same graph: the last rename wins, and both files are the same)."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
     os.close(fd)
@@ -107,13 +149,3 @@ def _export(
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("exported %s", path)
-
-
-def _session(path: Path):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch would use
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: no warnings about unused initialisers
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

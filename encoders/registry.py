@@ -16,15 +16,19 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import DualEncoder, EncoderError
+from . import ort
+from .base import Captioner, DualEncoder, EncoderError, shipped
+from .runtime import CaptionerRuntime, LiteRuntime
 
 if TYPE_CHECKING:
-    from .captioner import Captioner
+    from .captioner import PixseekCaptioner
+    from .lite import LiteEncoder
 
 DEFAULT_PRESET = "vit-b-32"
 OFFLINE_PRESET = "pixseek-lite"
 HUB_HOST = ("huggingface.co", 443)
 DEFAULT_CAPTIONER = "pixseek-captioner"
+CAPTIONER_WEIGHTS = "pixseek-captioner.pt"
 # CoCa presets: open_clip architecture and pretrained tag (downloaded on first use).
 COCA_PRESETS = {
     "coca-vit-b-32": ("coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"),
@@ -54,9 +58,7 @@ def load_encoder(spec: str, *, device: str | None = None) -> DualEncoder:
             from .openclip import OpenClipEncoder
 
             return OpenClipEncoder(cfg["arch"], cfg["pretrained"], device=device, name=spec)
-        from .lite import LiteEncoder
-
-        return LiteEncoder.load(None, device=device)
+        return _load_lite(shipped(cfg["weights"]), device)
     if spec.startswith("openclip:"):
         from .openclip import OpenClipEncoder
 
@@ -64,9 +66,7 @@ def load_encoder(spec: str, *, device: str | None = None) -> DualEncoder:
         return OpenClipEncoder(arch, tag or None, device=device)
     path = Path(spec).expanduser()
     if path.is_file():
-        from .lite import LiteEncoder
-
-        return LiteEncoder.load(path, device=device)
+        return _load_lite(path, device)
     names = ", ".join(presets())
     raise EncoderError(
         f"unknown model {spec!r}: use a preset ({names}), openclip:ARCH[@TAG], "
@@ -121,11 +121,9 @@ def choose_default_model() -> ModelChoice:
 def load_captioner(spec: str | None = None, *, device: str | None = None) -> Captioner:
     """A captioner by name: ``pixseek-captioner`` (default, offline), a CoCa preset
     (``coca-vit-b-32``, ``coca-vit-l-14``), ``coca:ARCH[@TAG]``, or a checkpoint file."""
-    from .captioner import PixseekCaptioner
-
     spec = spec or DEFAULT_CAPTIONER
     if spec == DEFAULT_CAPTIONER:
-        return PixseekCaptioner.load(None, device)
+        return _load_captioner(shipped(CAPTIONER_WEIGHTS), device)
     if spec in COCA_PRESETS or spec.startswith("coca:"):
         from .coca import CocaCaptioner
 
@@ -136,8 +134,44 @@ def load_captioner(spec: str | None = None, *, device: str | None = None) -> Cap
         return CocaCaptioner(arch, tag or None, device=device)
     path = Path(spec).expanduser()
     if path.is_file():
-        return PixseekCaptioner.load(path, device)
+        return _load_captioner(path, device)
     names = ", ".join([DEFAULT_CAPTIONER, *COCA_PRESETS])
     raise EncoderError(
         f"unknown captioner {spec!r}: use {names}, coca:ARCH[@TAG], or a checkpoint file"
     )
+
+
+def on_runtime(device: str | None) -> bool:
+    """Whether pixseek's own models load on ONNX Runtime with no torch (:mod:`.runtime`): on a
+    CPU, asked for or the only choice. Without asking torch (a second to import), a machine
+    with an NVIDIA driver counts as having a GPU, which torch then takes."""
+    nvidia = os.path.exists("/proc/driver/nvidia/version")
+    return ort.available(device or ("cuda" if nvidia else "cpu"))
+
+
+def _load_lite(weights: Path, device: str | None) -> DualEncoder:
+    """pixseek-lite from ``weights``: on ONNX Runtime where it runs (exported on this first
+    load), else on torch."""
+    if not on_runtime(device):
+        return _lite_on_torch(weights, device)
+    return LiteRuntime.find(weights) or _lite_on_torch(weights, "cpu").export_runtime(weights)
+
+
+def _lite_on_torch(weights: Path, device: str | None) -> LiteEncoder:
+    from .lite import LiteEncoder
+
+    return LiteEncoder.load(weights, device=device)
+
+
+def _load_captioner(weights: Path, device: str | None) -> Captioner:
+    """The pixseek captioner from ``weights``, reranking on ONNX Runtime where it runs."""
+    if not on_runtime(device):
+        return _captioner_on_torch(weights, device)
+    found = CaptionerRuntime.find(weights, lambda: _captioner_on_torch(weights, "cpu"))
+    return found or _captioner_on_torch(weights, "cpu").export_runtime(weights)
+
+
+def _captioner_on_torch(weights: Path, device: str | None) -> PixseekCaptioner:
+    from .captioner import PixseekCaptioner
+
+    return PixseekCaptioner.load(weights, device)

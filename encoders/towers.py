@@ -1,7 +1,7 @@
 """The frozen image towers: ImageNet CNNs that pixseek-lite and the captioner both read.
 
 :func:`build_backbone` builds one as an ``nn.Sequential`` of blocks (so models can tune the last
-few), :func:`image_transform` and :func:`normalise` turn a photo into its input, and
+few), :func:`normalise` turns uint8 pixels (``pixels.image_transform``) into its input, and
 :class:`InferenceTower` is the fast copy that indexing and captioning run.
 """
 
@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from pixseek.encoders.base import autocast_for, package_dir, shipped, skip_random_init
+from pixseek.encoders.base import package_dir, shipped
+from pixseek.encoders.torchkit import autocast_for, skip_random_init
 
 MOBILENET_FEATURES = "mobilenet_v2-imagenet-features.pt"
-IMAGE_SIZE = 224  # the towers' input side: a 7 x 7 last map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,7 +166,7 @@ class InferenceTower:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device)
+        batch = torch.as_tensor(batch).to(self.device)
         chunks = [batch]
         if self.device.type == "cpu":
             chunks = batch.tensor_split(max(1, -(-len(batch) // CPU_CHUNK)))
@@ -191,34 +189,6 @@ class _LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.extract_features(x)
-
-
-class image_transform:  # noqa: N801 - called as the function it replaces
-    """Decoded RGB image -> (3, H, W) uint8 pixels; picklable for decode workers.
-
-    The shorter side resized to ``image_size`` (bicubic, antialiased), then the centre cut
-    out: torchvision's ``Resize``, ``CenterCrop`` and ``PILToTensor`` on a PIL image, step for
-    step (a test compares them), without importing torchvision. The tower normalises the pixels
-    a chunk at a time (:func:`normalise`, under 0.1 ms a photo on a CPU): floats and
-    normalisation photo by photo took 0.5 ms of each photo's decoding, and uint8 batches are a
-    quarter of the bytes to pass between processes or to copy to a GPU.
-    """
-
-    def __init__(self, image_size: int = IMAGE_SIZE) -> None:
-        self.size = image_size
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        width, height = image.size
-        short, long = sorted((width, height))
-        if short != self.size:
-            long = int(self.size * long / short)
-            size = (self.size, long) if width <= height else (long, self.size)
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        width, height = image.size
-        top = int(round((height - self.size) / 2.0))
-        left = int(round((width - self.size) / 2.0))
-        image = image.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def normalise(pixels: torch.Tensor, tower: str) -> torch.Tensor:

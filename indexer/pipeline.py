@@ -15,24 +15,25 @@ import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
-
-import torch
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pixseek.encoders import DualEncoder
+from pixseek.encoders.base import device_type
 
 from .stages import IndexReport, PendingFile, Writer, decode_loader, embed, survey
 from .store import Store
 
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
-def default_workers(device: torch.device) -> int:
+
+def default_workers(device: Any) -> int:
     """Decoder processes: all cores but one for the model, at least one; none for a model on a
     CPU of two cores or fewer. There, a decoder beside the model's two threads slowed the model
     more than decoding costs: photos decoded in turn with the model indexed 15-35% faster
     (BENCHMARKS.md)."""
     cores = os.cpu_count() or 2
-    if device.type == "cpu" and cores <= 2:
+    if device_type(device) == "cpu" and cores <= 2:
         return 0
     return max(1, min(8, cores - 1))
 

@@ -13,19 +13,22 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pixseek.encoders import DualEncoder
+from pixseek.encoders.base import Pixels, device_type, stack
 
 from .decode import DecodeError, decode_file
 from .paths import printable
 from .scan import FileEntry, scan, unsupported_reason
 from .store import FAILED, SKIPPED, NewImage, Store
+
+if TYPE_CHECKING:  # torch loads when photos are decoded, not for a run with nothing new
+    import torch
+    from torch.utils.data import DataLoader
 
 MIN_SIDE = 224
 
@@ -156,8 +159,9 @@ def survey(
 
 
 # decode -----------------------------------------------------------------------------------------
-class _DecodeDataset(Dataset):
-    """Decodes and preprocesses one file per item; never raises, failures become reasons."""
+class _DecodeDataset:
+    """Decodes and preprocesses one file per item (a map-style dataset for torch's
+    DataLoader); never raises, failures become reasons."""
 
     def __init__(self, items: Sequence[PendingFile], preprocess: Callable) -> None:
         self.items = items
@@ -166,7 +170,7 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Pixels | None, tuple | None, str | None]:
         path = self.items[i].entry.path
         try:
             decoded = decode_file(path, min_side=MIN_SIDE)
@@ -182,9 +186,12 @@ class _DecodeDataset(Dataset):
 
 
 def _collate(samples: list) -> tuple[list, torch.Tensor | None]:
-    """Stack the good tensors in the worker (so they can be pinned); keep the rest as a list."""
-    tensors = [t for _, t, _, _ in samples if t is not None]
-    stacked = torch.stack(tensors) if tensors else None
+    """Stack the good pixels in the worker as one tensor (so they can be pinned); keep the
+    rest as a list."""
+    import torch
+
+    pixels = [t for _, t, _, _ in samples if t is not None]
+    stacked = torch.as_tensor(stack(pixels)) if pixels else None
     return [(i, t is not None, meta, err) for i, t, meta, err in samples], stacked
 
 
@@ -193,18 +200,20 @@ def decode_loader(
     preprocess: Callable,
     batch_size: int,
     workers: int,
-    device: torch.device,
+    device: Any,
 ) -> DataLoader:
     """Batches of ``(samples, stacked tensors)`` decoded by worker processes a few batches
     ahead of the model (pinned for a GPU), or in this process with ``workers=0``; the
     decode-only limit of indexing is its rate."""
+    from torch.utils.data import DataLoader
+
     return DataLoader(
         _DecodeDataset(todo, preprocess),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
         prefetch_factor=4 if workers else None,
-        pin_memory=device.type == "cuda",
+        pin_memory=device_type(device) == "cuda",
     )
 
 

@@ -431,6 +431,10 @@ class Library:
                     self._store.add_folder(target, indexed_at=datetime.now())
                     total.add(report)
             self._refresh_index()
+            if self._model is not None and rank.reranks_by_default(self._model.encoder.name):
+                # A run that loaded the model readies the captioner as well: loading both
+                # once on torch exports them to ONNX Runtime, so searches need no torch.
+                self._captioner.get()
         return total
 
     def _embed_pool(self, address: str, gpus: float, decode_workers: int | None) -> EmbedPool:

@@ -135,6 +135,12 @@ def example_vector(
     return encoder().embed_pil([decoded.image])[0], None
 
 
+def reranks_by_default(model_name: str) -> bool:
+    """Whether text queries of this model are reranked unless told not to: where fusion
+    weights were tuned for it."""
+    return any(name == model_name for name, _ in FUSION)
+
+
 def plan_rerank(
     rerank: bool | None,
     texts: Sequence[str],
@@ -150,7 +156,7 @@ def plan_rerank(
     """
     if rerank is False or not texts:
         return None
-    if rerank is None and all(name != model_name for name, _ in FUSION):
+    if rerank is None and not reranks_by_default(model_name):
         return None  # nothing tuned for this model: skip loading a captioner
     if rerank is None and captioner.get() is None:
         return None

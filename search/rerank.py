@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ImageOps
 
+from pixseek.encoders.base import stack
 from pixseek.indexer.decode import DecodeError, decode_file
 from pixseek.indexer.paths import printable
 
-if TYPE_CHECKING:  # the captioner module loads torchvision: only when a captioner is used
-    from pixseek.encoders.captioner import Captioner
+if TYPE_CHECKING:
+    from pixseek.encoders.base import Captioner, Pixels
 
 DEFAULT_DEPTH = 30  # with the fusion weights below: deeper gained <= 0.02 R@1 on dev, cost more
 CACHE_SIZE = 512  # photos' memories kept: ~100 KB each (two views) for the pixseek captioner
@@ -88,19 +88,19 @@ class Reranker:
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.views = 2 if mirror else 1
-        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _load(self, path: str, views: int) -> torch.Tensor:
+    def _load(self, path: str, views: int) -> Pixels:
         """(views, 3, H, W): the photo, then its mirror image when scores average both views."""
         image = decode_file(path, min_side=MIN_SIDE).image
-        return torch.stack(
+        return stack(
             [self.captioner.preprocess(view) for view in [image, ImageOps.mirror(image)][:views]]
         )
 
     def memories(
         self, paths: Sequence[str], *, strict: bool, photo_only: bool = False
-    ) -> list[torch.Tensor | None]:
+    ) -> list[np.ndarray | None]:
         """Each photo's memory (views, ...), from the cache or a fresh image pass.
 
         With ``photo_only`` (captioning), a fresh pass reads the photo alone, not its mirror
@@ -116,7 +116,7 @@ class Reranker:
                 if strict:
                     raise DecodeError(f"{printable(path)}: {exc.strerror or exc}") from exc
                 keys.append(None)
-        found: dict[tuple[str, int], torch.Tensor] = {}
+        found: dict[tuple[str, int], np.ndarray] = {}
         for key in keys:
             if key is not None and key in self._cache:
                 self._cache.move_to_end(key)  # the order of use decides what goes first
@@ -135,32 +135,32 @@ class Reranker:
                         ready.append((key, tensor))
                 if not ready:
                     continue
-                pixels = torch.stack([t for _, t in ready])  # (photos, views, 3, H, W)
-                encoded = self.captioner.encode_images(pixels.flatten(0, 1)).cpu()
-                encoded = encoded.unflatten(0, (len(ready), views))
+                pixels = stack([t for _, t in ready])  # (photos, views, 3, H, W)
+                encoded = self.captioner.encode_images(pixels.reshape(-1, *pixels.shape[2:]))
+                encoded = encoded.reshape(len(ready), views, *encoded.shape[1:])
                 for (key, _), memory in zip(ready, encoded, strict=True):
                     found[key] = memory
                     if not photo_only:
                         self._remember(key, memory)
         return [found.get(key) if key is not None else None for key in keys]
 
-    def _try_load(self, path: str, views: int) -> tuple[torch.Tensor | None, str | None]:
+    def _try_load(self, path: str, views: int) -> tuple[Pixels | None, str | None]:
         try:
             return self._load(path, views), None
         except DecodeError as exc:
             return None, str(exc)
 
-    def _remember(self, key: tuple[str, int], memory: torch.Tensor) -> None:
+    def _remember(self, key: tuple[str, int], memory: np.ndarray) -> None:
         self._cache[key] = memory
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def caption_scores(self, texts: Sequence[str], memories: Sequence[torch.Tensor]) -> np.ndarray:
+    def caption_scores(self, texts: Sequence[str], memories: Sequence[np.ndarray]) -> np.ndarray:
         """Mean over ``texts`` of each text's log-likelihood per token, per memory."""
         rows = []
         for start in range(0, len(memories), self.batch_size):
-            batch = torch.stack(list(memories[start : start + self.batch_size]))
+            batch = np.stack(memories[start : start + self.batch_size])
             rows.append(np.mean([view_scores(self.captioner, batch, t) for t in texts], axis=0))
         return np.concatenate(rows) if rows else np.zeros(0, dtype=np.float32)
 
@@ -202,13 +202,13 @@ class Reranker:
             for start in range(0, len(readable), self.batch_size):
                 chunk = readable[start : start + self.batch_size]
                 # The photo as it is (view 0), not its mirror image: captions name sides.
-                memory = torch.stack([memories[i][0] for i in chunk])
+                memory = np.stack([memories[i][0] for i in chunk])
                 for i, text in zip(chunk, self.captioner.generate(memory, beams), strict=True):
                     out[i] = text
         return out
 
 
-def view_scores(captioner: Captioner, memory: torch.Tensor, text: str) -> np.ndarray:
+def view_scores(captioner: Captioner, memory: np.ndarray, text: str) -> np.ndarray:
     """``captioner.score`` of ``text`` per photo, averaged over each photo's views.
 
     ``memory`` is (photos, views, ...). Scoring the mirror image too is test-time augmentation:
@@ -218,4 +218,5 @@ def view_scores(captioner: Captioner, memory: torch.Tensor, text: str) -> np.nda
     """
     if SIDES.search(text):
         memory = memory[:, :1]
-    return captioner.score(memory.flatten(0, 1), text).reshape(len(memory), -1).mean(1)
+    flat = memory.reshape(-1, *memory.shape[2:])
+    return captioner.score(flat, text).reshape(len(memory), -1).mean(1)

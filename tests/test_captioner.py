@@ -11,21 +11,20 @@ import torch
 from conftest import FLICKR8K as FLICKR
 from PIL import Image
 
-from pixseek.encoders.base import EncoderError, shipped
+from pixseek.encoders.base import EncoderError, shipped, stack
 from pixseek.encoders.captioner import (
-    BOS,
-    EOS,
     CaptionDecoder,
     CaptionerConfig,
     PixseekCaptioner,
-    clean_caption,
     save_checkpoint,
 )
 from pixseek.encoders.coca import CocaCaptioner
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.encoders.minilm import load_tokenizer
+from pixseek.encoders.pixels import image_transform
 from pixseek.encoders.registry import load_captioner
-from pixseek.encoders.towers import build_backbone, image_transform, normalise
+from pixseek.encoders.towers import build_backbone, normalise
+from pixseek.encoders.wordpiece import BOS, EOS, clean_caption
 
 TINY_COCA = Path(__file__).parent / "model_configs" / "pixseek-tiny-coca.json"
 open_clip.add_model_config(TINY_COCA)
@@ -55,7 +54,8 @@ def solid(colour: str) -> Image.Image:
 def trained() -> PixseekCaptioner:
     """The tiny captioner fitted (teacher forcing) to one caption per colour."""
     captioner = tiny_captioner(list(CAPTIONS.values()))
-    grids = captioner.grid(torch.stack([captioner.preprocess(solid(c)) for c in COLOURS])).clone()
+    pixels = torch.from_numpy(stack([captioner.preprocess(solid(c)) for c in COLOURS]))
+    grids = captioner.grid(pixels).clone()
     tokens = torch.nn.utils.rnn.pad_sequence(
         [captioner.tokenize(t) for t in CAPTIONS.values()], batch_first=True
     )
@@ -83,7 +83,7 @@ def test_score_matches_a_direct_teacher_forced_forward_pass() -> None:
     tokens = captioner.tokenize(clean_caption(text))
     assert tokens[0] == BOS and tokens[-1] == EOS
     with torch.no_grad():
-        logits = captioner.model(memory, tokens[None, :-1].expand(3, -1))
+        logits = captioner.model(torch.from_numpy(memory), tokens[None, :-1].expand(3, -1))
     expected = logits.log_softmax(-1)[:, torch.arange(len(tokens) - 1), tokens[1:]].mean(-1)
     np.testing.assert_allclose(captioner.score(memory, text), expected.numpy(), rtol=1e-5)
 
@@ -129,13 +129,13 @@ def test_beam_search_writes_the_captions_it_learned(trained: PixseekCaptioner) -
 
 
 def test_a_photo_scores_its_own_caption_highest(trained: PixseekCaptioner) -> None:
-    memory = trained.encode_images(torch.stack([trained.preprocess(solid(c)) for c in COLOURS]))
+    memory = trained.encode_images(stack([trained.preprocess(solid(c)) for c in COLOURS]))
     scores = np.stack([trained.score(memory, text) for text in CAPTIONS.values()])
     assert (scores.argmax(axis=1) == np.arange(len(COLOURS))).all()
 
 
 def test_checkpoint_round_trip_keeps_scores(trained: PixseekCaptioner, tmp_path: Path) -> None:
-    path = save_checkpoint(trained.model, trained.vocab.tolist(), tmp_path / "cap.pt")
+    path = save_checkpoint(trained.model, trained.vocab.vocab.tolist(), tmp_path / "cap.pt")
     loaded = load_captioner(str(path), device="cpu")
     memory = loaded.encode_images(loaded.preprocess(solid("red"))[None])
     expected = trained.score(memory, CAPTIONS["red"])
@@ -149,10 +149,12 @@ def test_captioner_reads_the_map_of_the_dual_encoders_tuned_tower(tmp_path: Path
     with torch.no_grad():  # as if training had tuned the last conv + batch norm + ReLU
         for param in lite.backbone[lite.tower_split :].parameters():
             param.add_(torch.randn_like(param) * 0.5)
-    pixels = torch.stack([image_transform(lite.config.image_size)(solid(c)) for c in COLOURS])
+    pixels = torch.from_numpy(
+        stack([image_transform(lite.config.image_size)(solid(c)) for c in COLOURS])
+    )
     with torch.no_grad():
         tuned_map = lite.backbone.eval()(normalise(pixels, "tiny"))
-    vocab = tiny_captioner(["a red square"]).vocab.tolist()
+    vocab = tiny_captioner(["a red square"]).vocab.vocab.tolist()
     config = CaptionerConfig(
         tower="tiny", vocab_size=len(vocab), width=32, layers=1, heads=2, ff=64, tower_blocks=3
     )
@@ -160,7 +162,7 @@ def test_captioner_reads_the_map_of_the_dual_encoders_tuned_tower(tmp_path: Path
     decoder.take_tower_blocks(lite)
     captioner = PixseekCaptioner(decoder, vocab, device="cpu")
     torch.testing.assert_close(captioner.grid(pixels), tuned_map, atol=1e-4, rtol=1e-4)
-    loaded = load_captioner(str(save_checkpoint(decoder, vocab, tmp_path / "cap.pt")), device="cpu")
+    loaded = PixseekCaptioner.load(save_checkpoint(decoder, vocab, tmp_path / "cap.pt"), "cpu")
     torch.testing.assert_close(loaded.grid(pixels), tuned_map, atol=1e-2, rtol=1e-2)  # fp16 file
     with pytest.raises(EncoderError, match="carries 2 tower blocks"):
         CaptionDecoder(
@@ -190,7 +192,7 @@ def test_shipped_captioner_describes_real_photos() -> None:
         references.setdefault(name, caption)
     with torch.inference_mode():
         images = [Image.open(FLICKR / "images" / n).convert("RGB") for n in names]
-        memory = captioner.encode_images(torch.stack([captioner.preprocess(i) for i in images]))
+        memory = captioner.encode_images(stack([captioner.preprocess(i) for i in images]))
         captions = captioner.generate(memory)
         scores = np.stack([captioner.score(memory, references[n]) for n in names])
     vocabulary = {"a", "the", "man", "woman", "dog", "people", "is", "in", "on", "of", "with"}

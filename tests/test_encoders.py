@@ -12,8 +12,8 @@ from PIL import Image
 
 from pixseek.encoders import EncoderError, choose_default_model, load_encoder, presets
 from pixseek.encoders import registry as registry_module
-from pixseek.encoders.base import fingerprint_state
 from pixseek.encoders.openclip import weights_cached
+from pixseek.encoders.torchkit import fingerprint_state
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,22 @@ photo transform give what transformers and torchvision give, and a search import
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from imagegen import make_photo
 from PIL import Image
 
-from pixseek.encoders.minilm import WordPiece, load_minilm, load_tokenizer, minilm_dir
-from pixseek.encoders.towers import image_transform, mobilenet_v2_features
+from pixseek.encoders.minilm import load_minilm, load_tokenizer
+from pixseek.encoders.pixels import image_transform
+from pixseek.encoders.towers import mobilenet_v2_features
+from pixseek.encoders.wordpiece import WordPiece, minilm_dir
 
 TEXTS = [
     "a dog running on grass",
@@ -32,7 +37,7 @@ def test_minilm_gives_transformers_embeddings() -> None:
     ).eval()
     ours = load_minilm().eval()
     assert ours.state_dict().keys() == reference.state_dict().keys()
-    batch = WordPiece(64)(TEXTS)
+    batch = {k: torch.from_numpy(v) for k, v in WordPiece(64)(TEXTS).items()}
     with torch.inference_mode():
         theirs = reference(**batch, output_hidden_states=True).hidden_states
         mine = ours(**batch, output_hidden_states=True).hidden_states
@@ -45,9 +50,9 @@ def test_minilm_gives_transformers_embeddings() -> None:
 def test_wordpiece_gives_transformers_tokens_and_text() -> None:
     reference = load_tokenizer()
     batch = WordPiece(64)(TEXTS)
-    expected = reference(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
-    assert torch.equal(batch["input_ids"], expected["input_ids"])
-    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    expected = reference(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], expected["attention_mask"])
     plain = WordPiece(20, special_tokens=False)
     for text in TEXTS:
         ids = plain([text])["input_ids"][0].tolist()
@@ -85,7 +90,7 @@ def test_image_transform_is_torchvisions(size: tuple[int, int], tmp_path: Path) 
             transforms.PILToTensor(),
         ]
     )
-    assert torch.equal(image_transform(224)(image), reference(image))
+    assert torch.equal(torch.from_numpy(image_transform(224)(image)), reference(image))
 
 
 def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
@@ -110,3 +115,47 @@ def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]", result.stdout
+
+
+def test_a_search_after_an_index_run_imports_no_torch_and_ranks_as_torch_does(
+    tmp_path: Path,
+) -> None:
+    """The index run exports pixseek-lite and the captioner to ONNX Runtime; a new search
+    process then runs them without torch, with torch's order and scores (as printed)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, color in {
+        "red": (230, 20, 20),
+        "blue": (20, 40, 230),
+        "green": (20, 200, 40),
+    }.items():
+        make_photo(photos / f"{name}.jpg", color=color)
+    library = str(tmp_path / "lib")
+    index = ["index", str(photos), "--model", "pixseek-lite", "-q"]
+    search = "['search', 'a red wall', '--json']"
+    probe = (
+        "import json, sys\n"
+        "from pixseek.search.cli import main\n"
+        "try:\n"
+        f"    main(['--library', {library!r}, *{search}])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PIXSEEK_WARM": "0"}
+    done = subprocess.run([sys.executable, "-m", "pixseek", "--library", library, *index], env=env)
+    assert done.returncode == 0
+    fast = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stderr.splitlines()[-1] == "False", fast.stderr
+    plain = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**env, "PIXSEEK_ONNX": "0"},
+    )
+    assert plain.stderr.splitlines()[-1] == "True", plain.stderr
+    got, want = json.loads(fast.stdout), json.loads(plain.stdout)
+    assert len(got) == 3 and [r["path"] for r in got] == [r["path"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)

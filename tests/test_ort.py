@@ -1,15 +1,25 @@
-"""pixseek-lite on ONNX Runtime: the same embeddings as torch, exported once, torch without it."""
+"""pixseek's own models on ONNX Runtime: the same numbers as torch, exported on the first load,
+opened without torch after it, and torch wherever ONNX Runtime does not run."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pixseek.encoders import ort
-from pixseek.encoders.captioner import CaptionDecoder, CaptionerConfig, PixseekCaptioner
+from pixseek.encoders import ort, registry
+from pixseek.encoders.captioner import (
+    SCORE_BATCH,
+    CaptionDecoder,
+    CaptionerConfig,
+    PixseekCaptioner,
+    save_checkpoint,
+)
 from pixseek.encoders.lite import LiteEncoder
+from pixseek.encoders.lite_checkpoint import save_checkpoint as save_lite
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
+from pixseek.encoders.runtime import CaptionerRuntime, LiteRuntime
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -20,19 +30,19 @@ TEXTS = ["a dog", "two children playing on the beach near a big red boat", "word
 
 @pytest.fixture(autouse=True)
 def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("PIXSEEK_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIXSEEK_CACHE", str(tmp_path / "cache"))
 
 
-def tiny_encoder(seed: int = 0) -> LiteEncoder:
+def tiny_weights(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    return LiteEncoder(LiteModel(TINY, pretrained=False), "cpu")
+    return save_lite(LiteModel(TINY, pretrained=False), folder / f"lite-{seed}.pt")
 
 
-def pixels(n: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator())
+def pixels(n: int) -> np.ndarray:
+    return np.random.default_rng(n).integers(0, 256, (n, 3, 224, 224), dtype=np.uint8)
 
 
-def embeddings(encoder: LiteEncoder) -> list[np.ndarray]:
+def embeddings(encoder) -> list[np.ndarray]:
     batch = pixels(3)
     return [
         encoder.embed_images(batch),
@@ -42,74 +52,82 @@ def embeddings(encoder: LiteEncoder) -> list[np.ndarray]:
     ]
 
 
-def test_onnx_runtime_embeds_as_torch_does_for_any_batch_and_text_length(monkeypatch):
-    encoder = tiny_encoder()
-    assert ort.available(encoder.device)
-    fast = embeddings(encoder)
-    assert sorted(p.name.split("-")[2] for p in ort.cache_dir().glob("*.onnx")) == [
-        "image",
-        "text",
-    ]
-    monkeypatch.setenv("PIXSEEK_ONNX", "0")
-    assert not ort.available(encoder.device)
-    for got, want in zip(fast, embeddings(encoder), strict=True):
+def test_a_cpu_load_runs_on_onnx_runtime_with_torchs_numbers_for_any_batch_and_length(tmp_path):
+    weights = tiny_weights(tmp_path)
+    fast = registry.load_encoder(str(weights), device="cpu")
+    assert isinstance(fast, LiteRuntime)
+    plain = LiteEncoder.load(weights, "cpu")
+    assert fast.model_id == plain.model_id and fast.dim == plain.dim
+    for got, want in zip(embeddings(fast), embeddings(plain), strict=True):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_graphs_are_exported_once_and_opened_by_later_loads(monkeypatch):
-    first = embeddings(tiny_encoder(seed=1))
-    files = {p: p.stat().st_mtime_ns for p in ort.cache_dir().glob("*.onnx")}
+def test_graphs_are_exported_once_and_later_loads_open_them(tmp_path, monkeypatch):
+    weights = tiny_weights(tmp_path, seed=1)
+    first = embeddings(registry.load_encoder(str(weights), device="cpu"))
+    files = {p: p.stat().st_mtime_ns for p in ort.cache_dir().iterdir()}
+    assert sorted(p.suffix for p in files) == [".json", ".onnx", ".onnx"]
 
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported again")
+    def no_torch_model(*args, **kwargs):
+        raise AssertionError("loaded on torch again")
 
-    monkeypatch.setattr(ort, "_export", no_export)
-    again = embeddings(tiny_encoder(seed=1))  # a new process would load the same weights
-    for got, want in zip(again, first, strict=True):
+    monkeypatch.setattr(registry, "_lite_on_torch", no_torch_model)
+    again = registry.load_encoder(str(weights), device="cpu")  # as a new process would
+    for got, want in zip(embeddings(again), first, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert {p: p.stat().st_mtime_ns for p in ort.cache_dir().glob("*.onnx")} == files
+    assert {p: p.stat().st_mtime_ns for p in ort.cache_dir().iterdir()} == files
 
 
-def test_other_weights_get_their_own_graphs():
-    embeddings(tiny_encoder(seed=2))
-    before = set(ort.cache_dir().glob("*.onnx"))
-    embeddings(tiny_encoder(seed=3))
-    assert len(set(ort.cache_dir().glob("*.onnx")) - before) == 2
+def test_new_weights_in_the_same_file_are_exported_again(tmp_path):
+    weights = tiny_weights(tmp_path, seed=2)
+    old = registry.load_encoder(str(weights), device="cpu")
+    torch.manual_seed(3)
+    save_lite(LiteModel(TINY, pretrained=False), weights)  # retrained, same path
+    new = registry.load_encoder(str(weights), device="cpu")
+    assert new.model_id == LiteEncoder.load(weights, "cpu").model_id != old.model_id
+    assert not np.allclose(new.embed_texts(TEXTS), old.embed_texts(TEXTS))
 
 
-def test_without_onnxruntime_torch_embeds_and_nothing_is_exported(monkeypatch, tmp_path):
+def test_without_onnxruntime_or_with_pixseek_onnx_0_torch_embeds_and_nothing_is_exported(
+    tmp_path, monkeypatch
+):
+    weights = tiny_weights(tmp_path, seed=4)
+    monkeypatch.setenv("PIXSEEK_ONNX", "0")
+    assert isinstance(registry.load_encoder(str(weights), device="cpu"), LiteEncoder)
+    monkeypatch.delenv("PIXSEEK_ONNX")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
         lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a),
     )
-    encoder = tiny_encoder(seed=4)
-    assert not ort.available(encoder.device)
+    encoder = registry.load_encoder(str(weights), device="cpu")
+    assert isinstance(encoder, LiteEncoder)
     assert [e.shape for e in embeddings(encoder)] == [(3, 16), (1, 16), (3, 16), (1, 16)]
-    assert not (tmp_path / "onnx").exists()
+    assert not ort.cache_dir().exists()
 
 
 def test_gpus_keep_torch():
-    assert not ort.available(torch.device("cuda"))
+    assert not ort.available("cuda")
+    assert not registry.on_runtime("cuda:0")
 
 
-def test_the_captioner_reads_photos_as_torch_does(monkeypatch):
-    """The rerank path: the image pass of candidates (ONNX Runtime), then queries of any
-    length scored against them (torch)."""
+def test_the_captioner_reranks_on_onnx_runtime_as_torch_does(tmp_path):
+    """The image pass of candidates, then queries of any length scored against any number of
+    memories (more than one fixed-size block of the scoring graph too)."""
     torch.manual_seed(5)
     config = CaptionerConfig(tower="tiny", vocab_size=40, width=32, layers=1, heads=2, ff=64)
-    captioner = PixseekCaptioner(CaptionDecoder(config), range(40), device="cpu")
-    batch = pixels(4)
-    queries = ["a dog", "a dog running through the grass by a lake"]
-
-    def scores() -> list[np.ndarray]:
-        memory = captioner.encode_images(batch)
-        scored = [captioner.score(memory[:n], q) for n, q in zip((4, 1), queries, strict=True)]
-        return [memory.numpy(), *scored]
-
-    fast = scores()
-    monkeypatch.setenv("PIXSEEK_ONNX", "0")
-    for got, want in zip(fast, scores(), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+    weights = save_checkpoint(CaptionDecoder(config), range(40), tmp_path / "cap.pt")
+    fast = registry.load_captioner(str(weights), device="cpu")
+    assert isinstance(fast, CaptionerRuntime)
+    plain = PixseekCaptioner.load(weights, "cpu")
+    assert fast.model_id == plain.model_id
+    batch = np.concatenate([pixels(4)] * ((SCORE_BATCH + 10) // 4 + 1))
+    memory = fast.encode_images(batch)
+    np.testing.assert_allclose(memory, plain.encode_images(batch), atol=1e-4)
+    for rows, query in [(len(batch), "a dog"), (1, "a dog running through the grass by a lake")]:
+        np.testing.assert_allclose(
+            fast.score(memory[:rows], query), plain.score(memory[:rows], query), atol=1e-4
+        )
+    assert fast.generate(memory[:2], beams=2) == plain.generate(memory[:2], beams=2)

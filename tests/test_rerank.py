@@ -17,7 +17,7 @@ from PIL import Image
 import pixseek.encoders.registry
 import pixseek.training.cli
 from pixseek.encoders.base import EncoderError
-from pixseek.encoders.captioner import Captioner
+from pixseek.encoders.captioner import TorchCaptioner
 from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError, scores
 from pixseek.search.api import DB_NAME
@@ -29,7 +29,7 @@ WORDS = ["<s>", "</s>", "a", "photo", *COLOURS]
 RGB = torch.tensor(list(COLOURS.values()))
 
 
-class ColourCaptioner(Captioner):
+class ColourCaptioner(TorchCaptioner):
     """A captioner that knows one sentence, "a <colour> photo", and tells colours by RGB distance.
 
     Its memory is the photo's mean colour; the base class's scoring and beam search run on it.
@@ -44,9 +44,9 @@ class ColourCaptioner(Captioner):
     def __init__(self) -> None:
         self.encoded = 0
 
-    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, batch: torch.Tensor) -> np.ndarray:
         self.encoded += len(batch)
-        return batch.mean(dim=(2, 3))
+        return batch.mean(dim=(2, 3)).numpy()
 
     def tokenize(self, text: str) -> torch.Tensor:
         return torch.tensor([0, *[WORDS.index(w) for w in text.split() if w in WORDS], 1])

@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pixseek.encoders.base import DualEncoder
-from pixseek.encoders.captioner import Captioner
+from pixseek.encoders.base import Captioner, DualEncoder
 from pixseek.search.rerank import DEFAULT_DEPTH, Fusion, Reranker, fuse, view_scores
 from pixseek.training.captions import ImageDataset
 
@@ -126,7 +125,7 @@ def evaluate_encoder(
 
 def candidate_scores(
     captioner: Captioner,
-    memory: torch.Tensor,
+    memory: np.ndarray,
     texts: Sequence[str],
     candidates: np.ndarray,
     progress: bool = False,
@@ -136,7 +135,7 @@ def candidate_scores(
     like ``candidates``."""
     out = np.zeros(candidates.shape, dtype=np.float32)
     for q in tqdm(range(len(texts)), desc="rerank", unit="query", disable=not progress):
-        out[q] = view_scores(captioner, memory[torch.from_numpy(candidates[q])], texts[q])
+        out[q] = view_scores(captioner, memory[candidates[q]], texts[q])
     return out
 
 
@@ -183,7 +182,7 @@ def rerank_recall(
         @ embed_image_files(encoder, paths, batch_size, progress).T
     )
     candidates = np.argsort(-similarities, axis=1, kind="stable")[:, :depth]
-    memory = torch.stack(Reranker(captioner).memories([str(p) for p in paths], strict=True))
+    memory = np.stack(Reranker(captioner).memories([str(p) for p in paths], strict=True))
     caption = candidate_scores(captioner, memory, texts, candidates, progress)
     ranks = reranked_ranks(similarities, owner, candidates, caption, fusion, depth)
     return dict(zip((f"t2i_r{k}" for k in KS), recalls(ranks), strict=True))

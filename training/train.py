@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pixseek.encoders.base import EncoderError, autocast_for, l2_normalise, pick_device
+from pixseek.encoders.base import EncoderError
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
+from pixseek.encoders.torchkit import autocast_for, l2_normalise, pick_device
 from pixseek.training.captions import ImageDataset, read_captions
 from pixseek.training.contrastive import clip_loss
 from pixseek.training.evaluate import RetrievalMetrics, retrieval_metrics

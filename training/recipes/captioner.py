@@ -29,13 +29,8 @@ import torch
 from torch import nn
 
 from pixseek.encoders.captioner import (
-    BOS,
-    EOS,
-    PAD,
-    UNK,
     CaptionDecoder,
     CaptionerConfig,
-    clean_caption,
     load_checkpoint,
     save_checkpoint,
 )
@@ -43,6 +38,7 @@ from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
 from pixseek.encoders.minilm import load_tokenizer
 from pixseek.encoders.towers import TOWERS, InferenceTower
+from pixseek.encoders.wordpiece import BOS, EOS, PAD, UNK, clean_caption
 from pixseek.training.captions import parse_caption_file, read_split
 from pixseek.training.recipes.features import (
     View,

