@@ -321,7 +321,7 @@ class PixseekCaptioner(TorchCaptioner):
             "vocab": self.vocab.vocab.tolist(),
         }
         manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
-        write_manifest(CaptionerRuntime.kind, weights, manifest)
+        write_manifest(CaptionerRuntime.kind, [weights], manifest)
         return CaptionerRuntime(manifest, lambda: self)
 
 

@@ -117,7 +117,7 @@ class LiteEncoder(DualEncoder):
             "max_tokens": self.config.max_tokens,
         }
         manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
-        write_manifest(LiteRuntime.kind, weights, manifest)
+        write_manifest(LiteRuntime.kind, [weights], manifest)
         return LiteRuntime(manifest)
 
 

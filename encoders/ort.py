@@ -64,10 +64,11 @@ def torch_version() -> str:
     return importlib.metadata.version("torch")
 
 
-def graph_path(name: str, key: str) -> Path:
-    """Where the graph ``name`` of the weights ``key`` lives in the cache."""
+def cache_file(name: str, key: str, suffix: str = ".onnx") -> Path:
+    """Where the file ``name`` (a graph, or another file a runtime reads) made from the weights
+    ``key`` lives in the cache."""
     digest = hashlib.sha256(f"{key}|{torch_version()}|{GRAPH_FORMAT}".encode()).hexdigest()
-    return cache_dir() / f"{name}-{digest[:16]}.onnx"
+    return cache_dir() / f"{name}-{digest[:16]}{suffix}"
 
 
 class Graph:
@@ -112,7 +113,7 @@ def export(
     cache has it. ``example`` names the module's inputs (in ``forward``'s order) with a
     tensor each; ``dynamic`` names, per input, the axes whose size may change (the batch, a
     text's length)."""
-    path = graph_path(name, key)
+    path = cache_file(name, key)
     if not path.is_file():
         _export(module, example, dynamic, path)
     return path
@@ -131,7 +132,11 @@ def _export(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
     os.close(fd)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # nn.MultiheadAttention's inference fast path is one fused op ONNX has no counterpart
+        # for; its plain path exports.
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on Python values: none applies
             torch.onnx.export(
@@ -146,6 +151,7 @@ def _export(
             )
         os.replace(tmp, path)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("exported %s", path)

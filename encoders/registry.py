@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from . import ort
 from .base import Captioner, DualEncoder, EncoderError, shipped
-from .runtime import CaptionerRuntime, LiteRuntime
+from .runtime import CaptionerRuntime, ClipRuntime, LiteRuntime, Source
 
 if TYPE_CHECKING:
     from .captioner import PixseekCaptioner
     from .lite import LiteEncoder
+    from .openclip import OpenClipEncoder
 
 DEFAULT_PRESET = "vit-b-32"
 OFFLINE_PRESET = "pixseek-lite"
@@ -55,15 +56,11 @@ def load_encoder(spec: str, *, device: str | None = None) -> DualEncoder:
     if spec in presets():
         cfg = presets()[spec]
         if cfg["backend"] == "openclip":
-            from .openclip import OpenClipEncoder
-
-            return OpenClipEncoder(cfg["arch"], cfg["pretrained"], device=device, name=spec)
+            return _load_openclip(cfg["arch"], cfg["pretrained"], device, spec)
         return _load_lite(shipped(cfg["weights"]), device)
     if spec.startswith("openclip:"):
-        from .openclip import OpenClipEncoder
-
         arch, _, tag = spec.removeprefix("openclip:").partition("@")
-        return OpenClipEncoder(arch, tag or None, device=device)
+        return _load_openclip(arch, tag or None, device, None)
     path = Path(spec).expanduser()
     if path.is_file():
         return _load_lite(path, device)
@@ -175,3 +172,26 @@ def _captioner_on_torch(weights: Path, device: str | None) -> PixseekCaptioner:
     from .captioner import PixseekCaptioner
 
     return PixseekCaptioner.load(weights, device)
+
+
+def _load_openclip(
+    arch: str, pretrained: str | None, device: str | None, name: str | None
+) -> DualEncoder:
+    """An OpenCLIP model: on ONNX Runtime where it runs (exported on this first load), else
+    on torch. Its cache entry is named by the architecture and the weights' tag (a tag's
+    download never changes) or checkpoint file."""
+    if not on_runtime(device):
+        return _openclip_on_torch(arch, pretrained, device, name)
+    sources: list[Source] = [f"{arch}@{pretrained}#{name}"]
+    if pretrained and os.path.isfile(pretrained):
+        sources.append(Path(pretrained))
+    found = ClipRuntime.find(sources)
+    return found or _openclip_on_torch(arch, pretrained, "cpu", name).export_runtime(sources)
+
+
+def _openclip_on_torch(
+    arch: str, pretrained: str | None, device: str | None, name: str | None
+) -> OpenClipEncoder:
+    from .openclip import OpenClipEncoder
+
+    return OpenClipEncoder(arch, pretrained, device=device, name=name)

