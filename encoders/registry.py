@@ -151,7 +151,7 @@ def _load_lite(weights: Path, device: str | None) -> DualEncoder:
     load), else on torch."""
     if not on_runtime(device):
         return _lite_on_torch(weights, device)
-    return LiteRuntime.find(weights) or _lite_on_torch(weights, "cpu").export_runtime(weights)
+    return LiteRuntime.find([weights]) or _lite_on_torch(weights, "cpu").export_runtime(weights)
 
 
 def _lite_on_torch(weights: Path, device: str | None) -> LiteEncoder:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -120,11 +120,10 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-class LiteRuntime(DualEncoder):
-    """pixseek-lite on ONNX Runtime: the same vectors as :class:`.lite.LiteEncoder` (fp32
-    rounding apart) and the same model id."""
+class _EncoderRuntime(DualEncoder):
+    """A dual encoder whose image and text paths are graphs: what its runtimes share."""
 
-    kind = "pixseek-lite"
+    kind: str
     device = "cpu"
 
     def __init__(self, manifest: Manifest) -> None:
@@ -132,25 +131,35 @@ class LiteRuntime(DualEncoder):
         self._model_id = manifest.model_id
         self.dim = int(manifest.settings["dim"])
         self.preprocess = image_transform(int(manifest.settings["image_size"]))
-        self._max_tokens = int(manifest.settings["max_tokens"])
         self._graphs = _Graphs(manifest)
 
     @classmethod
-    def find(cls, weights: Path) -> LiteRuntime | None:
-        """The runtime exported from ``weights``, if the cache has it."""
-        manifest = read_manifest(cls.kind, [weights])
+    def find(cls, sources: Sequence[Source]) -> Self | None:
+        """The runtime exported from ``sources``, if the cache has it."""
+        manifest = read_manifest(cls.kind, sources)
         return cls(manifest) if manifest else None
 
     @property
     def model_id(self) -> str:
         return self._model_id
 
+    def embed_images(self, batch: Pixels) -> np.ndarray:
+        return _unit(self._graphs["image"](np.asarray(batch)))
+
+
+class LiteRuntime(_EncoderRuntime):
+    """pixseek-lite on ONNX Runtime: the same vectors as :class:`.lite.LiteEncoder` (fp32
+    rounding apart) and the same model id."""
+
+    kind = "pixseek-lite"
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(manifest)
+        self._max_tokens = int(manifest.settings["max_tokens"])
+
     @cached_property
     def tokenizer(self) -> WordPiece:
         return WordPiece(self._max_tokens)
-
-    def embed_images(self, batch: Pixels) -> np.ndarray:
-        return _unit(self._graphs["image"](np.asarray(batch)))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -227,41 +236,23 @@ def clip_clean(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
-class ClipRuntime(DualEncoder):
+class ClipRuntime(_EncoderRuntime):
     """An OpenCLIP model on ONNX Runtime: its towers as exported by
     :meth:`.openclip.OpenClipEncoder.export_runtime` (pixel normalisation inside the image
     graph), its tokenizer a ``tokenizers`` file made from open_clip's own BPE tables (the same
     ids: a test compares them)."""
 
     kind = "openclip"
-    device = "cpu"
 
     def __init__(self, manifest: Manifest) -> None:
-        self.name = manifest.settings["name"]
-        self._model_id = manifest.model_id
-        self.dim = int(manifest.settings["dim"])
-        self.preprocess = image_transform(int(manifest.settings["image_size"]))
+        super().__init__(manifest)
         self._tokenizer_file = ort.cache_dir() / manifest.graphs["tokenizer"]
-        self._graphs = _Graphs(manifest)
-
-    @classmethod
-    def find(cls, sources: Sequence[Source]) -> ClipRuntime | None:
-        """The runtime exported from ``sources``, if the cache has it."""
-        manifest = read_manifest(cls.kind, sources)
-        return cls(manifest) if manifest else None
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
 
     @cached_property
     def tokenizer(self):
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self._tokenizer_file))
-
-    def embed_images(self, batch: Pixels) -> np.ndarray:
-        return _unit(self._graphs["image"](np.asarray(batch)))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
