@@ -107,6 +107,7 @@ class OpenClipEncoder(DualEncoder):
             what="OpenCLIP",
             offline="Without a network use the offline model: --model pixseek-lite.",
         )
+        self.arch = arch
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -155,24 +156,24 @@ class OpenClipEncoder(DualEncoder):
             return self
         ids = self.tokenizer(["a photo", "two dogs playing in the snow"])
         pixels = torch.zeros(2, 3, *size, dtype=torch.uint8)
-        key = self.model_id
+        key, name = self.model_id, f"openclip-{self.arch}"
         graphs = {
             "image": ort.export(
                 _ClipImagePath(self.model, cfg["mean"], cfg["std"]),
                 {"pixels": pixels},
                 {"pixels": {0: "batch"}},
-                name=f"openclip-{self.name.replace('/', '-')}-image",
+                name=f"{name}-image",
                 key=key,
             ),
             "text": ort.export(
                 _ClipTextPath(self.model),
                 {"input_ids": ids},
                 {"input_ids": {0: "batch"}},
-                name=f"openclip-{self.name.replace('/', '-')}-text",
+                name=f"{name}-text",
                 key=key,
             ),
         }
-        vocab = ort.cache_file(f"openclip-{self.name.replace('/', '-')}-tokenizer", key, ".json")
+        vocab = ort.cache_file(f"{name}-tokenizer", key, ".json")
         if not vocab.is_file():
             _clip_tokenizer(tokenizer).save(str(vocab))
         files = {role: path.name for role, path in graphs.items()} | {"tokenizer": vocab.name}

@@ -14,17 +14,14 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from pixseek.encoders import DualEncoder
 from pixseek.encoders.base import device_type
 
 from .stages import IndexReport, PendingFile, Writer, decode_loader, embed, survey
 from .store import Store
-
-if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
 
 
 def default_workers(device: Any) -> int:
@@ -81,7 +78,7 @@ class Local:
     def prepare(self, store: Store) -> None:
         """Nothing to start: the model is loaded and the store is at hand."""
 
-    def decode(self, todo: Sequence[PendingFile], batch_size: int) -> DataLoader:
+    def decode(self, todo: Sequence[PendingFile], batch_size: int) -> Iterable[tuple[list, Any]]:
         """The decode stage as this runner runs it."""
         encoder = self.encoder
         return decode_loader(todo, encoder.preprocess, batch_size, self.workers, encoder.device)

@@ -10,10 +10,11 @@ Where decode and embed run (this process, or Ray actors) is the runner's choice
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -25,10 +26,6 @@ from .decode import DecodeError, decode_file
 from .paths import printable
 from .scan import FileEntry, scan, unsupported_reason
 from .store import FAILED, SKIPPED, NewImage, Store
-
-if TYPE_CHECKING:  # torch loads when photos are decoded, not for a run with nothing new
-    import torch
-    from torch.utils.data import DataLoader
 
 MIN_SIDE = 224
 
@@ -185,13 +182,15 @@ class _DecodeDataset:
         return i, tensor, meta, None
 
 
-def _collate(samples: list) -> tuple[list, torch.Tensor | None]:
-    """Stack the good pixels in the worker as one tensor (so they can be pinned); keep the
-    rest as a list."""
-    import torch
-
+def _collate(samples: list, tensor: bool = False) -> tuple[list, Pixels | None]:
+    """Stack the good pixels as one batch (a tensor, in a worker process, so that it can be
+    pinned); keep the rest as a list."""
     pixels = [t for _, t, _, _ in samples if t is not None]
-    stacked = torch.as_tensor(stack(pixels)) if pixels else None
+    stacked = stack(pixels) if pixels else None
+    if tensor and stacked is not None:
+        import torch
+
+        stacked = torch.as_tensor(stacked)
     return [(i, t is not None, meta, err) for i, t, meta, err in samples], stacked
 
 
@@ -201,18 +200,25 @@ def decode_loader(
     batch_size: int,
     workers: int,
     device: Any,
-) -> DataLoader:
-    """Batches of ``(samples, stacked tensors)`` decoded by worker processes a few batches
-    ahead of the model (pinned for a GPU), or in this process with ``workers=0``; the
-    decode-only limit of indexing is its rate."""
+) -> Iterable[tuple[list, Pixels | None]]:
+    """Batches of ``(samples, stacked pixels)`` decoded by torch DataLoader worker processes a
+    few batches ahead of the model (pinned for a GPU), or in this process with ``workers=0``
+    (without importing torch: on a CPU the models run on ONNX Runtime, and importing torch
+    cost an index run about 1.8 CPU-seconds); the decode-only limit of indexing is its rate."""
+    dataset = _DecodeDataset(todo, preprocess)
+    if not workers:
+        return (
+            _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for start in range(0, len(dataset), batch_size)
+        )
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        _DecodeDataset(todo, preprocess),
+        dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if workers else None,
+        collate_fn=functools.partial(_collate, tensor=True),
+        prefetch_factor=4,
         pin_memory=device_type(device) == "cuda",
     )
 
@@ -234,7 +240,7 @@ class Rows:
 def embed(
     encoder: DualEncoder,
     todo: Sequence[PendingFile],
-    batches: Iterable[tuple[list, torch.Tensor | None]],
+    batches: Iterable[tuple[list, Pixels | None]],
     lookup: Lookup,
 ) -> Iterator[Rows]:
     """The rows of each decoded batch: the model embeds only content ``lookup`` does not know.

@@ -117,45 +117,49 @@ def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
     assert result.stdout.splitlines()[-1] == "[]", result.stdout
 
 
-def test_a_search_after_an_index_run_imports_no_torch_and_ranks_as_torch_does(
-    tmp_path: Path,
-) -> None:
-    """The index run exports pixseek-lite and the captioner to ONNX Runtime; a new search
-    process then runs them without torch, with torch's order and scores (as printed)."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name, color in {
-        "red": (230, 20, 20),
-        "blue": (20, 40, 230),
-        "green": (20, 200, 40),
-    }.items():
-        make_photo(photos / f"{name}.jpg", color=color)
-    library = str(tmp_path / "lib")
-    index = ["index", str(photos), "--model", "pixseek-lite", "-q"]
-    search = "['search', 'a red wall', '--json']"
+def _pixseek_probe(library: str, *args: str, **env: str) -> tuple[str, bool]:
+    """Run a pixseek command in a new process: its output, and whether it imported torch."""
     probe = (
-        "import json, sys\n"
+        "import sys\n"
         "from pixseek.search.cli import main\n"
         "try:\n"
-        f"    main(['--library', {library!r}, *{search}])\n"
+        f"    main(['--library', {library!r}, *{list(args)!r}])\n"
         "except SystemExit as exc:\n"
         "    assert not exc.code, exc.code\n"
         "print('torch' in sys.modules, file=sys.stderr)\n"
     )
-    env = {**os.environ, "PIXSEEK_WARM": "0"}
-    done = subprocess.run([sys.executable, "-m", "pixseek", "--library", library, *index], env=env)
-    assert done.returncode == 0
-    fast = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
-    assert fast.returncode == 0, fast.stderr
-    assert fast.stderr.splitlines()[-1] == "False", fast.stderr
-    plain = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", probe],
         capture_output=True,
         text=True,
-        env={**env, "PIXSEEK_ONNX": "0"},
+        env={**os.environ, "PIXSEEK_WARM": "0", **env},
     )
-    assert plain.stderr.splitlines()[-1] == "True", plain.stderr
-    got, want = json.loads(fast.stdout), json.loads(plain.stdout)
-    assert len(got) == 3 and [r["path"] for r in got] == [r["path"] for r in want]
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr.splitlines()[-1] == "True"
+
+
+def test_after_the_first_load_indexing_and_searching_import_no_torch_and_rank_as_torch_does(
+    tmp_path: Path,
+) -> None:
+    """The first index run exports pixseek-lite and the captioner to ONNX Runtime; later
+    index runs and searches run them without torch, with torch's order and scores."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colours = {"red": (230, 20, 20), "blue": (20, 40, 230), "green": (20, 200, 40)}
+    for name, color in colours.items():
+        make_photo(photos / f"{name}.jpg", color=color)
+    library = str(tmp_path / "lib")
+    index = ["index", str(photos), "--model", "pixseek-lite", "-q"]
+    _pixseek_probe(library, *index)
+    make_photo(photos / "grey.jpg", color=(128, 128, 128))
+    report, imported = _pixseek_probe(library, *index)
+    assert report.startswith("4 photos: 1 new") and not imported
+    fast, imported = _pixseek_probe(library, "search", "a red wall", "--json")
+    assert not imported
+    plain, imported = _pixseek_probe(library, "search", "a red wall", "--json", PIXSEEK_ONNX="0")
+    assert imported
+    got, want = json.loads(fast), json.loads(plain)
+    assert len(got) == 4 and [r["path"] for r in got] == [r["path"] for r in want]
     for a, b in zip(got, want, strict=True):
+        assert a["caption_score"] is not None  # reranked
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
