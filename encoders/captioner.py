@@ -10,6 +10,7 @@ On a CPU the pixseek captioner reranks on ONNX Runtime (:mod:`.runtime`), export
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -32,21 +33,20 @@ from .torchkit import (
     skip_random_init,
 )
 from .towers import SEQUENTIAL_TOWERS, TOWERS, InferenceTower, build_backbone, normalise
-from .wordpiece import BOS, EOS, PAD, CaptionVocab, clean_caption
+from .wordpiece import BOS, EOS, CaptionVocab, clean_caption
 
 if TYPE_CHECKING:
     from .lite_model import LiteModel
 
 DEFAULT_WEIGHTS = "pixseek-captioner.pt"
 CHECKPOINT_FORMAT = "pixseek-captioner/1"
-SCORE_BATCH = 64  # memory rows per scoring run on ONNX Runtime: 30 candidates and their mirrors
 
 
 def next_token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, L, V) next-token logits and (1 or B, L) the tokens that came -> (B, L) their
     log-probabilities."""
     logp = logits.float().log_softmax(-1)
-    return logp.gather(-1, targets.expand(len(logp), -1)[..., None]).squeeze(-1)
+    return logp.gather(-1, targets.expand(logp.shape[0], -1)[..., None]).squeeze(-1)
 
 
 class TorchCaptioner(Captioner):
@@ -224,7 +224,7 @@ class CaptionDecoder(nn.Module):
         """Memory (B, n, width), tokens (B or 1, L) -> next-token logits (B, L, vocab)."""
         length = tokens.shape[1]
         x = self.tokens(tokens) + self.positions[:length]
-        x = x.expand(len(memory), -1, -1)
+        x = x.expand(memory.shape[0], -1, -1)  # shape, not len(): traced as a dimension
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device)
         x = self.decoder(x, memory, tgt_mask=mask, tgt_is_causal=True)
         return x @ self.tokens.weight.T
@@ -294,10 +294,10 @@ class PixseekCaptioner(TorchCaptioner):
         """This captioner's reranking on ONNX Runtime (:mod:`.runtime`): the image pass and
         the scoring exported into the cache unless there already, with the manifest that lets
         later processes load them from ``weights`` without torch."""
-        size, length = self.config.image_size, self.max_tokens
+        size = self.config.image_size
         pixels = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-        memory = torch.zeros(SCORE_BATCH, self.config.grid_tokens, self.config.width)
-        tokens = torch.full((1, length), PAD, dtype=torch.long)
+        memory = torch.zeros(2, self.config.grid_tokens, self.config.width)
+        tokens = self.tokenize("a photo of a dog")[None]
         graphs = {
             "images": ort.export(
                 _ImagePass(self._inference_tower(), self.config.tower, self.model),
@@ -307,17 +307,20 @@ class PixseekCaptioner(TorchCaptioner):
                 key=self.model_id,
             ),
             "score": ort.export(
-                _ScorePass(self.model),
+                _ScorePass(_exportable(self.model)),
                 {"memory": memory, "tokens": tokens},
-                {},
+                {
+                    "memory": {0: "batch"},
+                    "tokens": {1: "length"},
+                    "output": {0: "batch", 1: "next"},
+                },
                 name=f"{self.name}-score",
                 key=self.model_id,
             ),
         }
         settings = {
             "image_size": size,
-            "max_tokens": length,
-            "score_batch": SCORE_BATCH,
+            "max_tokens": self.max_tokens,
             "vocab": self.vocab.vocab.tolist(),
         }
         manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
@@ -338,10 +341,7 @@ class _ImagePass(nn.Module):
 
 class _ScorePass(nn.Module):
     """Memory (B, n, width) and one text's tokens (1, L) -> (B, L - 1) the log-probability of
-    each next token: ``score`` before its mean, in one module. Exported for one text length,
-    the longest the decoder reads, and one batch (``SCORE_BATCH`` rows): nn.MultiheadAttention's
-    reshapes trace both as constants. Shorter texts are padded at the end (their scores are the
-    same, the attention being causal), fewer rows with zeros."""
+    each next token: ``score`` before its mean, in one module."""
 
     def __init__(self, model: CaptionDecoder) -> None:
         super().__init__()
@@ -349,6 +349,47 @@ class _ScorePass(nn.Module):
 
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return next_token_logp(self.model(memory, tokens[:, :-1]), tokens[:, 1:])
+
+
+def _exportable(model: CaptionDecoder) -> CaptionDecoder:
+    """A copy of ``model`` whose attention traces with the batch and the text length left
+    free: nn.MultiheadAttention's own code turns both into constants of the graph."""
+    model = copy.deepcopy(model)
+    for layer in model.decoder.layers:
+        layer.self_attn = _ExportAttention(layer.self_attn)
+        layer.multihead_attn = _ExportAttention(layer.multihead_attn)
+    return model
+
+
+class _ExportAttention(nn.Module):
+    """nn.MultiheadAttention's arithmetic (batch first, packed input projection) as the
+    decoder layers call it, on ``scaled_dot_product_attention`` and shape-free reshapes; for
+    export only (no key padding mask, no attention weights)."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.heads, self.batch_first = attention.num_heads, attention.batch_first
+        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
+        self.out_proj = attention.out_proj
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        q, k, v = (
+            nn.functional.linear(x, w, b).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )
+        mask = None if is_causal else attn_mask  # a causal mask is rebuilt from the length
+        out = nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
+        return self.out_proj(out.transpose(1, 2).flatten(2)), None
 
 
 def save_checkpoint(

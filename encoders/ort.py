@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the exported graphs change for the same weights (a new input, a fix).
-GRAPH_FORMAT = 2
+GRAPH_FORMAT = 3
 
 
 def available(device: object = "cpu") -> bool:
@@ -111,8 +111,8 @@ def export(
 ) -> Path:
     """``module`` as the graph file ``name`` of the weights ``key``, traced now unless the
     cache has it. ``example`` names the module's inputs (in ``forward``'s order) with a
-    tensor each; ``dynamic`` names, per input, the axes whose size may change (the batch, a
-    text's length)."""
+    tensor each; ``dynamic`` names, per input (and ``output``, else its first axis), the axes
+    whose size may change (the batch, a text's length)."""
     path = cache_file(name, key)
     if not path.is_file():
         _export(module, example, dynamic, path)
@@ -145,7 +145,7 @@ def _export(
                 tmp,
                 input_names=list(example),
                 output_names=["output"],
-                dynamic_axes={**dynamic, "output": {0: "batch"}},
+                dynamic_axes={"output": {0: "batch"}, **dynamic},
                 opset_version=18,
                 dynamo=False,
             )

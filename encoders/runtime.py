@@ -30,7 +30,7 @@ import numpy as np
 from . import ort
 from .base import Captioner, DualEncoder, Pixels
 from .pixels import image_transform
-from .wordpiece import PAD, CaptionVocab, WordPiece, clean_caption
+from .wordpiece import CaptionVocab, WordPiece, clean_caption
 
 MANIFEST_FORMAT = 1
 # Packages whose weights pixseek's models load besides their own file: a new version of one
@@ -170,10 +170,8 @@ class LiteRuntime(_EncoderRuntime):
 
 class CaptionerRuntime(Captioner):
     """The pixseek captioner on ONNX Runtime for reranking: the image pass, and a query's
-    log-likelihood scored by one graph of fixed shape (``captioner._ScorePass``): every query
-    padded to the longest text the decoder reads (its attention is causal, so what follows a
-    text's end changes none of its scores), memories in blocks of a fixed number of rows.
-    Captions (beam search) come from the torch captioner, loaded on first use."""
+    log-likelihood per token (``captioner._ScorePass``). Captions (beam search) come from the
+    torch captioner, loaded on first use."""
 
     name = "pixseek-captioner"
     kind = "pixseek-captioner"
@@ -185,7 +183,6 @@ class CaptionerRuntime(Captioner):
         self._writer = writer
         self.preprocess = image_transform(int(manifest.settings["image_size"]))
         self.max_tokens = int(manifest.settings["max_tokens"])
-        self._score_batch = int(manifest.settings["score_batch"])
         self._vocab = manifest.settings["vocab"]
         self._graphs = _Graphs(manifest)
         self._torch: Captioner | None = None
@@ -208,17 +205,8 @@ class CaptionerRuntime(Captioner):
         return self._graphs["images"](np.asarray(batch))
 
     def score(self, memory: np.ndarray, text: str) -> np.ndarray:
-        tokens = self.vocab.encode(clean_caption(text))
-        padded = np.full((1, self.max_tokens), PAD, dtype=np.int64)
-        padded[0, : len(tokens)] = tokens
-        rows = []
-        for start in range(0, len(memory), self._score_batch):
-            chunk = memory[start : start + self._score_batch]
-            batch = np.zeros((self._score_batch, *chunk.shape[1:]), dtype=np.float32)
-            batch[: len(chunk)] = chunk
-            rows.append(self._graphs["score"](batch, padded)[: len(chunk)])
-        picked = np.concatenate(rows) if rows else np.zeros((0, self.max_tokens - 1), np.float32)
-        return picked[:, : len(tokens) - 1].mean(-1)
+        tokens = self.vocab.encode(clean_caption(text))[None]
+        return self._graphs["score"](np.asarray(memory, dtype=np.float32), tokens).mean(-1)
 
     def generate(
         self, memory: np.ndarray, beams: int = 3, max_tokens: int | None = None
