@@ -142,7 +142,7 @@ def main() -> None:
                 try:
                     report = index_folder(
                         store,
-                        Local(timed, args.workers),
+                        Local(lambda: timed, args.workers),
                         str(folder),
                         batch_size=args.batch_size,
                         progress=False,
