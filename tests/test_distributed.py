@@ -196,4 +196,4 @@ def test_cli_index_ray_flag_and_a_folder_given_as_its_address(tmp_path: Path, ph
 
     done = runner.invoke(main, [*base, str(photos), "--ray", "--json"])
     assert done.exit_code == 3, done.output  # the folder's one broken photo
-    assert json.loads(done.output)["added"] == PHOTOS
+    assert json.loads(done.stdout)["added"] == PHOTOS  # stdout: Ray may warn on stderr
