@@ -224,6 +224,7 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     tiny = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
     _run(lite, monkeypatch, *folders, *tiny, "--save", first)
     more = ("--init", first, "--freeze-tower", "--extra", out, "--extra-flip", "--epochs", "2")
+    more += ("--data-repeat", "2")
     _run(lite, monkeypatch, *folders, *more, "--ema", "0.9", "--save", tmp_path / "second.pt")
     assert (cache / "cc3m" / "tiny_b14_flip.npy").is_file()
     before, after = _state(first), _state(tmp_path / "second.pt")
@@ -233,3 +234,4 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     meta = torch.load(tmp_path / "second.pt", weights_only=False)["meta"]
     assert set(meta["dev"]) == {"t2i_r1", "epoch", flickr.name, "cc3m"}
     assert "cc3m train (7 images, 7 captions)" in meta["trained_on"]
+    assert f"{flickr.name} train (6 images, 12 captions, 2 passes an epoch)" in meta["trained_on"]

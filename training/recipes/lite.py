@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also train on N random-crop views of the train photos",
     )
     p.add_argument("--epochs", type=int, default=10, help="passes over the train images")
+    p.add_argument(
+        "--data-repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pass over the --data train images N times an epoch (each time another caption and "
+        "view), so Flickr8k keeps its share of training beside a larger --extra set",
+    )
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per pass")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -263,8 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.freeze_tower:  # the cached maps are already through these blocks, and pooled
         for i in range(model.tower_split, len(model.backbone)):
             model.backbone[i] = nn.Identity()
-    # Every train photo of every set, as (set, row); image ids for the loss count across sets.
-    members = [(k, i) for k, cs in enumerate(sets) for i in range(len(cs.caps_of))]
+    # Every train photo of every set, as (set, row), --data's --data-repeat times; image ids for
+    # the loss count across sets (a photo drawn twice in a batch is one image to the loss).
+    members = [
+        (k, i)
+        for k, cs in enumerate(sets)
+        for _ in range(args.data_repeat if k == 0 else 1)
+        for i in range(len(cs.caps_of))
+    ]
     first_id = np.cumsum([0] + [len(cs.maps[0]) for cs in sets])
 
     steps = len(members) * args.captions_per_image // args.batch
@@ -347,9 +361,11 @@ def main(argv: list[str] | None = None) -> None:
         net = model if kept == "raw" else averages[kept].module
         for i, block in enumerate(tail, start=net.tower_split):  # the blocks the caches ran
             net.backbone[i] = block
+        passes = [args.data_repeat] + [1] * len(args.extra)
         trained_on = ", ".join(
-            f"{cs.name} train ({len(cs.caps_of)} images, {sum(map(len, cs.caps_of))} captions)"
-            for cs in sets
+            f"{cs.name} train ({len(cs.caps_of)} images, {sum(map(len, cs.caps_of))} captions"
+            + (f", {n} passes an epoch)" if n > 1 else ")")
+            for cs, n in zip(sets, passes, strict=True)
         )
         meta = {
             "trained_on": trained_on,
