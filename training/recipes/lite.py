@@ -11,9 +11,11 @@ shipped weights (data/MODEL_CARD.md; the other variants: BENCHMARKS.md):
 
 ``--extra CC3M`` adds the folder the :mod:`.cc3m` recipe makes: its train photos join
 training, its dev photos are a second dev set, and selection reads the dev sets' mean
-text->image R@1. ``--init`` continues a shipped checkpoint and ``--freeze-tower`` keeps its
-CNN, so the image side is cached once, pooled, and only the heads and MiniLM's tuned layers
-train (pixseek-lite 2; data/MODEL_CARD.md has its command).
+text->image R@1 (``--select data``: Flickr8k dev's alone). ``--data-repeat`` keeps Flickr8k's
+share of the steps beside a larger set. ``--init`` continues a shipped checkpoint and
+``--freeze-tower`` keeps its CNN, so the image side is cached once, pooled, and only the heads
+and MiniLM's tuned layers train (the pixseek-lite 2 candidates; data/MODEL_CARD.md has their
+commands).
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
@@ -146,6 +148,12 @@ def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions, n_
     return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - n_train).to_dict()
 
 
+def best_weights(final: dict[str, dict], dev_set: str | None = None) -> str:
+    """The name of the weights (raw or an average) with the best text->image R@1 on
+    ``dev_set``'s dev photos, or on the dev sets' mean when None; the first on a tie."""
+    return max(final, key=lambda n: (final[n][dev_set] if dev_set else final[n])["t2i_r1"])
+
+
 def recall(metrics: dict, direction: str) -> str:
     return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in KS)
 
@@ -228,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DECAY",
         help="also keep exponential moving averages of the weights with these decays; each is "
         "evaluated beside the raw weights, and --save keeps whichever ends best on dev R@1",
+    )
+    p.add_argument(
+        "--select",
+        choices=["mean", "data"],
+        default="mean",
+        help="what --save keeps the best weights on: the dev sets' mean text->image R@1, or "
+        "--data's dev alone (so the extra sets never cost Flickr8k recall)",
     )
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -354,10 +369,10 @@ def main(argv: list[str] | None = None) -> None:
         f.write(json.dumps(record) + "\n")
     if args.save:
         # The raw weights or one of their averages: whichever ends best on the dev sets' mean
-        # text->image R@1.
+        # text->image R@1, or with --select data on --data's.
         last = history[-1]
         final = {"raw": last, **{n: {"epoch": last["epoch"], **last[n]} for n in averages}}
-        kept = max(final, key=lambda n: final[n]["t2i_r1"])
+        kept = best_weights(final, sets[0].name if args.select == "data" else None)
         net = model if kept == "raw" else averages[kept].module
         for i, block in enumerate(tail, start=net.tower_split):  # the blocks the caches ran
             net.backbone[i] = block
