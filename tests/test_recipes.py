@@ -118,6 +118,15 @@ def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
     assert (work / "run3.pt").is_file() and not list(work.glob("*.partial"))
 
 
+def test_lite_keeps_the_weights_best_on_the_mean_or_on_flickr8k_dev_alone() -> None:
+    final = {
+        "raw": {"t2i_r1": 24.3, "flickr8k": {"t2i_r1": 26.2}, "cc3m": {"t2i_r1": 22.4}},
+        "ema0.995": {"t2i_r1": 23.3, "flickr8k": {"t2i_r1": 27.2}, "cc3m": {"t2i_r1": 19.4}},
+    }
+    assert lite.best_weights(final) == "raw"
+    assert lite.best_weights(final, "flickr8k") == "ema0.995"
+
+
 def test_a_recipe_refuses_a_folder_without_flickr8k_layout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -224,7 +233,9 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     tiny = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
     _run(lite, monkeypatch, *folders, *tiny, "--save", first)
     more = ("--init", first, "--freeze-tower", "--extra", out, "--extra-flip", "--epochs", "2")
-    _run(lite, monkeypatch, *folders, *more, "--ema", "0.9", "--save", tmp_path / "second.pt")
+    more += ("--data-repeat", "2")
+    more += ("--ema", "0.9", "0.5", "--select", "data")
+    _run(lite, monkeypatch, *folders, *more, "--save", tmp_path / "second.pt")
     assert (cache / "cc3m" / "tiny_b14_flip.npy").is_file()
     before, after = _state(first), _state(tmp_path / "second.pt")
     tower = [k for k in before if k.startswith("backbone.")]
@@ -233,3 +244,4 @@ def test_cc3m_recipe_keeps_decodable_distinct_captioned_photos_and_holds_out_dev
     meta = torch.load(tmp_path / "second.pt", weights_only=False)["meta"]
     assert set(meta["dev"]) == {"t2i_r1", "epoch", flickr.name, "cc3m"}
     assert "cc3m train (7 images, 7 captions)" in meta["trained_on"]
+    assert f"{flickr.name} train (6 images, 12 captions, 2 passes an epoch)" in meta["trained_on"]

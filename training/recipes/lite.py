@@ -11,9 +11,11 @@ shipped weights (data/MODEL_CARD.md; the other variants: BENCHMARKS.md):
 
 ``--extra CC3M`` adds the folder the :mod:`.cc3m` recipe makes: its train photos join
 training, its dev photos are a second dev set, and selection reads the dev sets' mean
-text->image R@1. ``--init`` continues a shipped checkpoint and ``--freeze-tower`` keeps its
-CNN, so the image side is cached once, pooled, and only the heads and MiniLM's tuned layers
-train (pixseek-lite 2; data/MODEL_CARD.md has its command).
+text->image R@1 (``--select data``: Flickr8k dev's alone). ``--data-repeat`` keeps Flickr8k's
+share of the steps beside a larger set. ``--init`` continues a shipped checkpoint and
+``--freeze-tower`` keeps its CNN, so the image side is cached once, pooled, and only the heads
+and MiniLM's tuned layers train (the pixseek-lite 2 candidates; data/MODEL_CARD.md has their
+commands).
 
 Selection is on dev only; the Flickr8k test split is never touched.
 """
@@ -146,6 +148,12 @@ def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions, n_
     return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - n_train).to_dict()
 
 
+def best_weights(final: dict[str, dict], dev_set: str | None = None) -> str:
+    """The name of the weights (raw or an average) with the best text->image R@1 on
+    ``dev_set``'s dev photos, or on the dev sets' mean when None; the first on a tie."""
+    return max(final, key=lambda n: (final[n][dev_set] if dev_set else final[n])["t2i_r1"])
+
+
 def recall(metrics: dict, direction: str) -> str:
     return "/".join(f"{metrics[f'{direction}_r{k}']:.1f}" for k in KS)
 
@@ -197,6 +205,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also train on N random-crop views of the train photos",
     )
     p.add_argument("--epochs", type=int, default=10, help="passes over the train images")
+    p.add_argument(
+        "--data-repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pass over the --data train images N times an epoch (each time another caption and "
+        "view), so Flickr8k keeps its share of training beside a larger --extra set",
+    )
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per pass")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -220,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DECAY",
         help="also keep exponential moving averages of the weights with these decays; each is "
         "evaluated beside the raw weights, and --save keeps whichever ends best on dev R@1",
+    )
+    p.add_argument(
+        "--select",
+        choices=["mean", "data"],
+        default="mean",
+        help="what --save keeps the best weights on: the dev sets' mean text->image R@1, or "
+        "--data's dev alone (so the extra sets never cost Flickr8k recall)",
     )
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -263,8 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.freeze_tower:  # the cached maps are already through these blocks, and pooled
         for i in range(model.tower_split, len(model.backbone)):
             model.backbone[i] = nn.Identity()
-    # Every train photo of every set, as (set, row); image ids for the loss count across sets.
-    members = [(k, i) for k, cs in enumerate(sets) for i in range(len(cs.caps_of))]
+    # Every train photo of every set, as (set, row), --data's --data-repeat times; image ids for
+    # the loss count across sets (a photo drawn twice in a batch is one image to the loss).
+    members = [
+        (k, i)
+        for k, cs in enumerate(sets)
+        for _ in range(args.data_repeat if k == 0 else 1)
+        for i in range(len(cs.caps_of))
+    ]
     first_id = np.cumsum([0] + [len(cs.maps[0]) for cs in sets])
 
     steps = len(members) * args.captions_per_image // args.batch
@@ -340,16 +369,18 @@ def main(argv: list[str] | None = None) -> None:
         f.write(json.dumps(record) + "\n")
     if args.save:
         # The raw weights or one of their averages: whichever ends best on the dev sets' mean
-        # text->image R@1.
+        # text->image R@1, or with --select data on --data's.
         last = history[-1]
         final = {"raw": last, **{n: {"epoch": last["epoch"], **last[n]} for n in averages}}
-        kept = max(final, key=lambda n: final[n]["t2i_r1"])
+        kept = best_weights(final, sets[0].name if args.select == "data" else None)
         net = model if kept == "raw" else averages[kept].module
         for i, block in enumerate(tail, start=net.tower_split):  # the blocks the caches ran
             net.backbone[i] = block
+        passes = [args.data_repeat] + [1] * len(args.extra)
         trained_on = ", ".join(
-            f"{cs.name} train ({len(cs.caps_of)} images, {sum(map(len, cs.caps_of))} captions)"
-            for cs in sets
+            f"{cs.name} train ({len(cs.caps_of)} images, {sum(map(len, cs.caps_of))} captions"
+            + (f", {n} passes an epoch)" if n > 1 else ")")
+            for cs, n in zip(sets, passes, strict=True)
         )
         meta = {
             "trained_on": trained_on,
