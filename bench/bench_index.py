@@ -142,7 +142,7 @@ def main() -> None:
                 try:
                     report = index_folder(
                         store,
-                        Local(lambda: timed, args.workers),
+                        Local(lambda timed=timed: timed, args.workers),
                         str(folder),
                         batch_size=args.batch_size,
                         progress=False,

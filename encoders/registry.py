@@ -139,7 +139,7 @@ def load_captioner(spec: str | None = None, *, device: str | None = None) -> Cap
 
 
 def on_runtime(device: str | None) -> bool:
-    """Whether pixseek's own models load on ONNX Runtime with no torch (:mod:`.runtime`): on a
+    """Whether models load on ONNX Runtime with no torch (:mod:`.runtime`): on a
     CPU, asked for or the only choice. Without asking torch (a second to import), a machine
     with an NVIDIA driver counts as having a GPU, which torch then takes."""
     nvidia = os.path.exists("/proc/driver/nvidia/version")

@@ -1,14 +1,15 @@
-"""pixseek's own models on ONNX Runtime with no torch: what a search on a CPU runs.
+"""Models on ONNX Runtime with no torch: what searching and indexing on a CPU run.
 
 A new ``pixseek search`` process paid about 1.8 CPU-seconds to import torch, more than the
 query itself, while rclip answers in about one without it. So the first load of
-pixseek-lite or the pixseek captioner on a CPU (which needs torch) exports their inference
-paths as ONNX graphs into the cache (:mod:`.ort`) and writes a manifest beside them: the
-model id, the graph files and the few settings inference needs. Later processes find the
-manifest by the weights file it was made from and run the graphs with numpy, ``tokenizers``
-and ``onnxruntime`` alone. Torch stays the definition (:mod:`.lite`, :mod:`.captioner`): a
-weights file that changed, a GPU, ``PIXSEEK_ONNX=0`` or a missing ``onnxruntime`` take the
-torch path. Writing captions (beam search) loads the torch captioner on first use.
+pixseek-lite, the pixseek captioner or an OpenCLIP model on a CPU (which needs torch)
+exports their inference paths as ONNX graphs into the cache (:mod:`.ort`) and writes a
+manifest beside them: the model id, the files and the few settings inference needs. Later
+processes find the manifest by the weights it was made from and run the graphs with numpy,
+``tokenizers`` and ``onnxruntime`` alone. Torch stays the definition (:mod:`.lite`,
+:mod:`.captioner`, :mod:`.openclip`): weights that changed, a GPU, ``PIXSEEK_ONNX=0`` or a
+missing ``onnxruntime`` take the torch path. Writing captions (beam search) loads the torch
+captioner on first use.
 """
 
 from __future__ import annotations
