@@ -8,6 +8,7 @@ path to a checkpoint written by ``pixseek train``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .captioner import PixseekCaptioner
     from .lite import LiteEncoder
     from .openclip import OpenClipEncoder
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "vit-b-32"
 OFFLINE_PRESET = "pixseek-lite"
@@ -146,12 +149,27 @@ def on_runtime(device: str | None) -> bool:
     return ort.available(device or ("cuda" if nvidia else "cpu"))
 
 
+def _exported(
+    model: LiteEncoder | PixseekCaptioner | OpenClipEncoder, source: Path | list[Source]
+) -> DualEncoder | Captioner:
+    """``model`` on ONNX Runtime; the torch model itself, with a warning, where its graphs
+    cannot be written (a read-only or full cache folder) or traced (an operator ONNX lacks):
+    slower, never broken."""
+    try:
+        return model.export_runtime(source)
+    except (OSError, RuntimeError) as exc:
+        log.warning(
+            "running %s on torch: no ONNX graphs in %s (%s)", model.name, ort.cache_dir(), exc
+        )
+        return model
+
+
 def _load_lite(weights: Path, device: str | None) -> DualEncoder:
     """pixseek-lite from ``weights``: on ONNX Runtime where it runs (exported on this first
     load), else on torch."""
     if not on_runtime(device):
         return _lite_on_torch(weights, device)
-    return LiteRuntime.find([weights]) or _lite_on_torch(weights, "cpu").export_runtime(weights)
+    return LiteRuntime.find([weights]) or _exported(_lite_on_torch(weights, "cpu"), weights)
 
 
 def _lite_on_torch(weights: Path, device: str | None) -> LiteEncoder:
@@ -165,7 +183,7 @@ def _load_captioner(weights: Path, device: str | None) -> Captioner:
     if not on_runtime(device):
         return _captioner_on_torch(weights, device)
     found = CaptionerRuntime.find(weights, lambda: _captioner_on_torch(weights, "cpu"))
-    return found or _captioner_on_torch(weights, "cpu").export_runtime(weights)
+    return found or _exported(_captioner_on_torch(weights, "cpu"), weights)
 
 
 def _captioner_on_torch(weights: Path, device: str | None) -> PixseekCaptioner:
@@ -186,7 +204,7 @@ def _load_openclip(
     if pretrained and os.path.isfile(pretrained):
         sources.append(Path(pretrained))
     found = ClipRuntime.find(sources)
-    return found or _openclip_on_torch(arch, pretrained, "cpu", name).export_runtime(sources)
+    return found or _exported(_openclip_on_torch(arch, pretrained, "cpu", name), sources)
 
 
 def _openclip_on_torch(

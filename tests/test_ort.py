@@ -181,3 +181,12 @@ def test_openclip_models_the_runtime_cannot_feed_stay_on_torch(tiny_spec, monkey
     )
     assert isinstance(registry.load_encoder(tiny_spec, device="cpu"), OpenClipEncoder)
     assert not ort.cache_dir().exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_the_model_on_torch(tmp_path, monkeypatch):
+    weights = tiny_weights(tmp_path, seed=6)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("PIXSEEK_CACHE", str(tmp_path / "not-a-folder"))
+    encoder = registry.load_encoder(str(weights), device="cpu")
+    assert isinstance(encoder, LiteEncoder)
+    assert encoder.embed_texts(TEXTS).shape == (3, 16)
