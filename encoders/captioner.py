@@ -24,7 +24,7 @@ from torch import nn
 from . import ort
 from .base import Captioner, EncoderError, Pixels, shipped
 from .pixels import IMAGE_SIZE, image_transform
-from .runtime import CaptionerRuntime, Manifest, write_manifest
+from .runtime import CaptionerRuntime, write_manifest
 from .torchkit import (
     autocast_for,
     fingerprint_state,
@@ -323,8 +323,7 @@ class PixseekCaptioner(TorchCaptioner):
             "max_tokens": self.max_tokens,
             "vocab": self.vocab.vocab.tolist(),
         }
-        manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
-        write_manifest(CaptionerRuntime.kind, [weights], manifest)
+        manifest = write_manifest(CaptionerRuntime.kind, [weights], self.model_id, graphs, settings)
         return CaptionerRuntime(manifest, lambda: self)
 
 

@@ -26,7 +26,7 @@ from pixseek.encoders.base import DualEncoder, Pixels
 from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
 from pixseek.encoders.pixels import image_transform
-from pixseek.encoders.runtime import LiteRuntime, Manifest, write_manifest
+from pixseek.encoders.runtime import LiteRuntime, write_manifest
 from pixseek.encoders.torchkit import autocast_for, fingerprint_state, l2_normalise, pick_device
 from pixseek.encoders.towers import InferenceTower, normalise
 from pixseek.encoders.wordpiece import WordPiece
@@ -116,9 +116,9 @@ class LiteEncoder(DualEncoder):
             "image_size": size,
             "max_tokens": self.config.max_tokens,
         }
-        manifest = Manifest(self.model_id, {k: p.name for k, p in graphs.items()}, settings)
-        write_manifest(LiteRuntime.kind, [weights], manifest)
-        return LiteRuntime(manifest)
+        return LiteRuntime(
+            write_manifest(LiteRuntime.kind, [weights], self.model_id, graphs, settings)
+        )
 
 
 class _ImagePath(nn.Module):

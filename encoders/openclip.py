@@ -13,7 +13,7 @@ from torch import nn
 
 from . import ort
 from .base import DualEncoder, EncoderError, Pixels
-from .runtime import ClipRuntime, Manifest, Source, write_manifest
+from .runtime import ClipRuntime, Source, write_manifest
 from .torchkit import autocast_for, fingerprint_state, l2_normalise, pick_device, skip_random_init
 
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -176,11 +176,9 @@ class OpenClipEncoder(DualEncoder):
         vocab = ort.cache_file(f"{name}-tokenizer", key, ".json")
         if not vocab.is_file():
             _clip_tokenizer(tokenizer).save(str(vocab))
-        files = {role: path.name for role, path in graphs.items()} | {"tokenizer": vocab.name}
         settings = {"name": self.name, "dim": self.dim, "image_size": size[0]}
-        manifest = Manifest(self.model_id, files, settings)
-        write_manifest(ClipRuntime.kind, sources, manifest)
-        return ClipRuntime(manifest)
+        files = {**graphs, "tokenizer": vocab}
+        return ClipRuntime(write_manifest(ClipRuntime.kind, sources, key, files, settings))
 
 
 def _clip_tokenizer(tokenizer):

@@ -94,14 +94,23 @@ def read_manifest(kind: str, sources: Sequence[Source]) -> Manifest | None:
     return manifest
 
 
-def write_manifest(kind: str, sources: Sequence[Source], manifest: Manifest) -> None:
-    """Write the manifest whole or not at all (another process may write the same one)."""
+def write_manifest(
+    kind: str,
+    sources: Sequence[Source],
+    model_id: str,
+    files: dict[str, Path],
+    settings: dict[str, Any],
+) -> Manifest:
+    """The manifest of a model exported from ``sources`` (its files by role, in the cache
+    folder), written whole or not at all: another process may write the same one."""
+    manifest = Manifest(model_id, {role: file.name for role, file in files.items()}, settings)
     path = manifest_path(kind, sources)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.part")
     with os.fdopen(fd, "w") as out:
         json.dump(asdict(manifest), out)
     os.replace(tmp, path)
+    return manifest
 
 
 class _Graphs:
