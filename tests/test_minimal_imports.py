@@ -3,6 +3,7 @@ photo transform give what transformers and torchvision give, and a search import
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -93,32 +94,11 @@ def test_image_transform_is_torchvisions(size: tuple[int, int], tmp_path: Path) 
     assert torch.equal(torch.from_numpy(image_transform(224)(image)), reference(image))
 
 
-def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
-    tmp_path: Path,
-) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    make_photo(photos / "red.jpg", color=(255, 0, 0))
-    library = tmp_path / "lib"
-    probe = (
-        "import sys\n"
-        "from pixseek.search.cli import main\n"
-        f"for args in (['index', {str(photos)!r}, '--model', 'pixseek-lite', '-q'],\n"
-        "             ['search', 'something red']):\n"
-        "    try:\n"
-        f"        main(['--library', {str(library)!r}, *args])\n"
-        "    except SystemExit as exc:\n"
-        "        assert not exc.code, exc.code\n"
-        "heavy = ('transformers', 'torchvision', 'open_clip', 'torch._dynamo')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "[]", result.stdout
-
-
-def _pixseek_probe(library: str, *args: str, **env: str) -> tuple[str, bool]:
-    """Run a pixseek command in a new process: its output, and whether it imported torch."""
+def _pixseek_probe(
+    library: str, *args: str, watch: tuple[str, ...] = ("torch",), **env: str
+) -> tuple[str, list[str]]:
+    """Run a pixseek command in a new process: its output, and which of the modules in
+    ``watch`` it imported."""
     probe = (
         "import sys\n"
         "from pixseek.search.cli import main\n"
@@ -126,7 +106,7 @@ def _pixseek_probe(library: str, *args: str, **env: str) -> tuple[str, bool]:
         f"    main(['--library', {library!r}, *{list(args)!r}])\n"
         "except SystemExit as exc:\n"
         "    assert not exc.code, exc.code\n"
-        "print('torch' in sys.modules, file=sys.stderr)\n"
+        f"print(sorted(m for m in {watch!r} if m in sys.modules), file=sys.stderr)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe],
@@ -135,7 +115,20 @@ def _pixseek_probe(library: str, *args: str, **env: str) -> tuple[str, bool]:
         env={**os.environ, "PIXSEEK_WARM": "0", **env},
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout, done.stderr.splitlines()[-1] == "True"
+    return done.stdout, ast.literal_eval(done.stderr.splitlines()[-1])
+
+
+def test_a_pixseek_lite_search_imports_no_transformers_torchvision_or_open_clip(
+    tmp_path: Path,
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    make_photo(photos / "red.jpg", color=(255, 0, 0))
+    library = str(tmp_path / "lib")
+    heavy = ("transformers", "torchvision", "open_clip", "torch._dynamo")
+    index = ["index", str(photos), "--model", "pixseek-lite", "-q"]
+    for args in (index, ["search", "something red"]):
+        assert _pixseek_probe(library, *args, watch=heavy)[1] == []
 
 
 def test_after_the_first_load_indexing_and_searching_import_no_torch_and_rank_as_torch_does(
@@ -153,11 +146,11 @@ def test_after_the_first_load_indexing_and_searching_import_no_torch_and_rank_as
     _pixseek_probe(library, *index)
     make_photo(photos / "grey.jpg", color=(128, 128, 128))
     report, imported = _pixseek_probe(library, *index)
-    assert report.startswith("4 photos: 1 new") and not imported
+    assert report.startswith("4 photos: 1 new") and imported == []
     fast, imported = _pixseek_probe(library, "search", "a red wall", "--json")
-    assert not imported
+    assert imported == []
     plain, imported = _pixseek_probe(library, "search", "a red wall", "--json", PIXSEEK_ONNX="0")
-    assert imported
+    assert imported == ["torch"]
     got, want = json.loads(fast), json.loads(plain)
     assert len(got) == 4 and [r["path"] for r in got] == [r["path"] for r in want]
     for a, b in zip(got, want, strict=True):
