@@ -227,10 +227,15 @@ class EmbedPool:
 
             ray = _ray()
             here = ray.get_runtime_context().get_node_id()
+            # Out of order for the reason the embedders are (see __init__): cancelling an
+            # interrupted run's shards also cancels their queued look-ups, which left a gap in
+            # a worker's sequence numbers that failed the next run's look-ups after 30 s.
             self._stores[store.db_path] = (
                 ray.remote(Store)
                 .options(
-                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, False)
+                    num_cpus=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, False),
+                    allow_out_of_order_execution=True,
                 )
                 .remote(store.db_path)
             )
