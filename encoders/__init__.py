@@ -6,6 +6,7 @@ from .registry import (
     choose_default_model,
     load_captioner,
     load_encoder,
+    newest_model,
     normalise_spec,
     presets,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "choose_default_model",
     "load_captioner",
     "load_encoder",
+    "newest_model",
     "normalise_spec",
     "presets",
 ]

@@ -26,7 +26,7 @@ from pixseek.encoders.base import DualEncoder, Pixels
 from pixseek.encoders.lite_checkpoint import load_model
 from pixseek.encoders.lite_model import LiteModel
 from pixseek.encoders.pixels import image_transform
-from pixseek.encoders.runtime import LiteRuntime, write_manifest
+from pixseek.encoders.runtime import LiteRuntime, Source, write_manifest
 from pixseek.encoders.torchkit import autocast_for, fingerprint_state, l2_normalise, pick_device
 from pixseek.encoders.towers import InferenceTower, normalise
 from pixseek.encoders.wordpiece import WordPiece
@@ -37,7 +37,10 @@ class LiteEncoder(DualEncoder):
 
     name = "pixseek-lite"
 
-    def __init__(self, model: LiteModel, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, model: LiteModel, device: str | torch.device | None = None, name: str | None = None
+    ) -> None:
+        self.name = name or self.name
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -49,11 +52,15 @@ class LiteEncoder(DualEncoder):
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, device: str | torch.device | None = None
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        name: str | None = None,
     ) -> LiteEncoder:
-        """The shipped model (``path=None``) or a checkpoint written by ``pixseek train``."""
+        """A checkpoint (``path=None``: the first shipped model), named as the registry knows
+        it: a shipped model's name starts its ``model_id`` and picks its rerank fusion."""
         model, _ = load_model(path)
-        return cls(model, device)
+        return cls(model, device, name)
 
     @property
     def model_id(self) -> str:
@@ -86,10 +93,10 @@ class LiteEncoder(DualEncoder):
         with autocast_for(self.device):
             return l2_normalise(self.model.encode_text(self.tokenize(texts)))
 
-    def export_runtime(self, weights: Path) -> LiteRuntime:
+    def export_runtime(self, sources: Sequence[Source]) -> LiteRuntime:
         """This model on ONNX Runtime (:mod:`.runtime`): its image and text paths exported
         into the cache unless there already, with the manifest that lets later processes
-        load them from ``weights`` without torch."""
+        load them from ``sources`` (its weights file and name) without torch."""
         size = self.config.image_size
         tokens = self.tokenize(["a photo", "two dogs playing in the snow"])
         ids, mask = tokens["input_ids"].cpu(), tokens["attention_mask"].cpu()
@@ -117,7 +124,7 @@ class LiteEncoder(DualEncoder):
             "max_tokens": self.config.max_tokens,
         }
         return LiteRuntime(
-            write_manifest(LiteRuntime.kind, [weights], self.model_id, graphs, settings)
+            write_manifest(LiteRuntime.kind, sources, self.model_id, graphs, settings)
         )
 
 

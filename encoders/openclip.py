@@ -105,7 +105,7 @@ class OpenClipEncoder(DualEncoder):
             pretrained,
             self.device,
             what="OpenCLIP",
-            offline="Without a network use the offline model: --model pixseek-lite.",
+            offline="Without a network use the offline model: --model pixseek-lite-2.",
         )
         self.arch = arch
         self.model = model.eval()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "vit-b-32"
-OFFLINE_PRESET = "pixseek-lite"
+OFFLINE_PRESET = "pixseek-lite-2"
 HUB_HOST = ("huggingface.co", 443)
 DEFAULT_CAPTIONER = "pixseek-captioner"
 CAPTIONER_WEIGHTS = "pixseek-captioner.pt"
@@ -60,18 +60,26 @@ def load_encoder(spec: str, *, device: str | None = None) -> DualEncoder:
         cfg = presets()[spec]
         if cfg["backend"] == "openclip":
             return _load_openclip(cfg["arch"], cfg["pretrained"], device, spec)
-        return _load_lite(shipped(cfg["weights"]), device)
+        return _load_lite(shipped(cfg["weights"]), device, spec)
     if spec.startswith("openclip:"):
         arch, _, tag = spec.removeprefix("openclip:").partition("@")
         return _load_openclip(arch, tag or None, device, None)
     path = Path(spec).expanduser()
     if path.is_file():
-        return _load_lite(path, device)
+        return _load_lite(path, device, None)
     names = ", ".join(presets())
     raise EncoderError(
         f"unknown model {spec!r}: use a preset ({names}), openclip:ARCH[@TAG], "
         "or the path of a checkpoint file"
     )
+
+
+def newest_model(spec: str) -> str:
+    """The newest model of ``spec``'s line (a preset names its successor); ``spec`` itself
+    when none is newer. A library keeps its model until it is re-indexed with the newer one."""
+    while successor := presets().get(spec, {}).get("successor"):
+        spec = successor
+    return spec
 
 
 def normalise_spec(spec: str) -> str:
@@ -164,18 +172,20 @@ def _exported(
         return model
 
 
-def _load_lite(weights: Path, device: str | None) -> DualEncoder:
-    """pixseek-lite from ``weights``: on ONNX Runtime where it runs (exported on this first
-    load), else on torch."""
+def _load_lite(weights: Path, device: str | None, name: str | None) -> DualEncoder:
+    """pixseek-lite from ``weights``, named ``name`` (a preset; None: a checkpoint file): on
+    ONNX Runtime where it runs (exported on this first load), else on torch."""
     if not on_runtime(device):
-        return _lite_on_torch(weights, device)
-    return LiteRuntime.find([weights]) or _exported(_lite_on_torch(weights, "cpu"), weights)
+        return _lite_on_torch(weights, device, name)
+    sources: list[Source] = [weights, f"name={name}"]
+    found = LiteRuntime.find(sources)
+    return found or _exported(_lite_on_torch(weights, "cpu", name), sources)
 
 
-def _lite_on_torch(weights: Path, device: str | None) -> LiteEncoder:
+def _lite_on_torch(weights: Path, device: str | None, name: str | None) -> LiteEncoder:
     from .lite import LiteEncoder
 
-    return LiteEncoder.load(weights, device=device)
+    return LiteEncoder.load(weights, device=device, name=name)
 
 
 def _load_captioner(weights: Path, device: str | None) -> Captioner:

@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm import tqdm
 
-from pixseek.encoders import DualEncoder, normalise_spec
+from pixseek.encoders import DualEncoder, newest_model, normalise_spec
 from pixseek.indexer import vectorfile
 from pixseek.indexer.ann import VectorIndex
 from pixseek.indexer.decode import DecodeError, decode_bytes
@@ -82,6 +82,7 @@ class LibraryInfo:
     folders: list[str]
     model: str | None
     model_id: str | None
+    newer_model: str | None  # a newer model of the same line, which a re-index moves to
     index_kind: str | None
     size_bytes: int
     failures: list[tuple[str, str]]
@@ -242,7 +243,8 @@ class Library:
     ) -> Library:
         """Open (or create) a library; refuse a model other than the one it was built with.
 
-        ``reindex=True`` switches an existing library to ``model``, dropping its vectors.
+        ``reindex=True`` switches an existing library to ``model`` (none named: to the newest
+        model of its line, such as pixseek-lite-2 for pixseek-lite), dropping its vectors.
         ``readonly=True`` opens an existing library for searching only: nothing on disk is
         written (a library in a read-only folder opens so). ``repair=True`` (what an index run
         asks for) checks the database and, if it is damaged, keeps it aside as
@@ -275,6 +277,8 @@ class Library:
             notices.append(notice)
         recorded = store.get_setting("model") or None
         wanted = normalise_spec(model) if model else None
+        if reindex and not wanted and recorded:
+            wanted = newest_model(recorded)
         switching = bool(recorded and wanted and wanted != recorded)
         if switching and not reindex and sum(store.counts().values()):
             store.close()
@@ -633,14 +637,17 @@ class Library:
         for entry in self.path.iterdir():
             with contextlib.suppress(FileNotFoundError):  # an index file being replaced
                 size += entry.stat().st_size if entry.is_file() else 0
+        model = self._store.get_setting("model") or self._spec
+        newest = newest_model(model) if model else None
         return LibraryInfo(
             path=str(self.path),
             images=counts[OK],
             failed=counts[FAILED],
             skipped=counts[SKIPPED],
             folders=self._store.folders(),
-            model=self._store.get_setting("model") or self._spec,
+            model=model,
             model_id=self.model_id,
+            newer_model=newest if newest != model else None,
             index_kind=index.kind if index is not None else None,
             size_bytes=size,
             failures=self._store.failures(),

@@ -181,7 +181,12 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 @device_option()
 @click.argument("folders", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", help="Model preset, openclip:ARCH@TAG, or a checkpoint file.")
-@click.option("--reindex", is_flag=True, help="Drop all vectors and embed everything again.")
+@click.option(
+    "--reindex",
+    is_flag=True,
+    help="Drop all vectors and embed everything again (no --model: with the newest model of "
+    "the library's line).",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", type=click.IntRange(0, 64), help="Decoding processes (default: auto).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
@@ -432,6 +437,11 @@ def info(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"Photos:   {facts.images} indexed, {facts.failed} failed, {facts.skipped} skipped")
     click.echo(f"Folders:  {', '.join(map(printable, facts.folders)) or '-'}")
     click.echo(f"Model:    {facts.model or '-'} ({facts.model_id or 'not loaded yet'})")
+    if facts.newer_model:
+        click.echo(
+            f"Newer:    {facts.newer_model} exists; `pixseek index --reindex` moves this "
+            "library to it"
+        )
     click.echo(f"Index:    {facts.index_kind or '-'}")
     click.echo(f"On disk:  {facts.size_bytes / 1e6:.1f} MB")
     click.echo(f"Queries:  {queries}")

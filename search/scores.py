@@ -43,9 +43,11 @@ def cosine(raw: float) -> float:
 # captioner) name (fused score).
 SIMILARITY: dict[str, Scale] = {
     "pixseek-lite": Scale(mid=0.6694, width=0.0702),
+    "pixseek-lite-2": Scale(mid=0.6775, width=0.0672),
 }
 FUSED: dict[tuple[str, str], Scale] = {
     ("pixseek-lite", "pixseek-captioner"): Scale(mid=0.5042, width=0.3551),
+    ("pixseek-lite-2", "pixseek-captioner"): Scale(mid=0.4582, width=0.2527),
 }
 # For a pair nobody calibrated, reranked only when asked for (with the shipped pair's fusion).
 FALLBACK_FUSED = FUSED[("pixseek-lite", "pixseek-captioner")]

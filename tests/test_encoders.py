@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pixseek.encoders import EncoderError, choose_default_model, load_encoder, presets
+from pixseek.encoders import (
+    EncoderError,
+    choose_default_model,
+    load_encoder,
+    newest_model,
+    presets,
+)
 from pixseek.encoders import registry as registry_module
 from pixseek.encoders.openclip import OpenClipEncoder, weights_cached
 from pixseek.encoders.torchkit import fingerprint_state
@@ -71,7 +77,7 @@ def test_default_model_is_the_offline_one_when_clip_weights_cannot_be_had() -> N
     started = time.perf_counter()
     choice = choose_default_model()
     assert time.perf_counter() - started < 5
-    assert choice.spec == "pixseek-lite"
+    assert choice.spec == "pixseek-lite-2"
     assert "vit-b-32" in choice.notice
 
 
@@ -92,4 +98,11 @@ def test_online_machines_default_to_openclip(monkeypatch) -> None:
     monkeypatch.setattr(registry_module, "_hub_reachable", lambda timeout=1.5: True)
     assert choose_default_model().spec == "vit-b-32"
     monkeypatch.setattr(registry_module, "_hub_reachable", lambda timeout=1.5: False)
-    assert choose_default_model().spec == "pixseek-lite"
+    assert choose_default_model().spec == "pixseek-lite-2"
+
+
+def test_a_model_line_names_its_newest_model() -> None:
+    assert newest_model("pixseek-lite") == "pixseek-lite-2"
+    assert newest_model("pixseek-lite-2") == "pixseek-lite-2"
+    assert newest_model("vit-b-32") == "vit-b-32"
+    assert newest_model("/some/checkpoint.pt") == "/some/checkpoint.pt"

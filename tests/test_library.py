@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from imagegen import make_corrupt_jpeg, make_photo
 
 import pixseek.search
@@ -17,6 +18,7 @@ import pixseek.search.models
 from pixseek.indexer.store import Store
 from pixseek.search import Library, LibraryError
 from pixseek.search.api import DB_NAME
+from pixseek.search.cli import main
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -86,6 +88,18 @@ def test_the_scales_read_a_raw_score_the_same_way_each_time() -> None:
     calibrated = scores.scorer("pixseek-lite", "pixseek-captioner")
     assert calibrated.similarity is scores.SIMILARITY["pixseek-lite"]
     assert scores.scorer(None)(0.6, None) == scores.cosine(0.6)  # a query by example alone
+
+
+def test_every_shipped_offline_model_reranks_by_default_with_calibrated_scores() -> None:
+    from pixseek.encoders import presets
+    from pixseek.search import scores
+    from pixseek.search.rerank import FUSION
+
+    shipped = [name for name, cfg in presets().items() if cfg["backend"] == "lite"]
+    assert "pixseek-lite-2" in shipped
+    for name in shipped:
+        pair = (name, "pixseek-captioner")
+        assert pair in FUSION and pair in scores.FUSED and name in scores.SIMILARITY, name
 
 
 def test_negative_text_pushes_results_away(library: Library) -> None:
@@ -224,6 +238,24 @@ def test_another_model_is_refused_unless_reindexing(
         assert report.added == 4
         assert switched.info().model == tiny_spec
         assert switched.info().model_id.startswith("pixseek-tiny-vit/random@")
+
+
+def test_a_library_of_an_older_model_keeps_it_hears_of_the_newer_and_reindex_moves_it(
+    tmp_path: Path, photos: Path
+) -> None:
+    with Library.open(tmp_path / "old", model="pixseek-lite") as old:
+        old.index([photos], workers=0)
+        assert old.info().newer_model == "pixseek-lite-2"
+    shown = CliRunner().invoke(main, ["--library", str(tmp_path / "old"), "info"])
+    assert shown.exit_code == 0 and "Newer:    pixseek-lite-2 exists" in shown.output
+    with Library.open(tmp_path / "old") as reopened:
+        assert reopened.load_model().encoder.name == "pixseek-lite"
+        assert names(reopened.search("a photo", k=4))
+    with Library.open(tmp_path / "old", reindex=True) as moved:
+        assert moved.index([photos], workers=0).added == 4
+        facts = moved.info()
+        assert facts.model == "pixseek-lite-2" and facts.newer_model is None
+        assert facts.model_id.startswith("pixseek-lite-2@")
 
 
 def test_reopening_uses_the_recorded_model(library: Library, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pixseek.encoders.base import EncoderError, shipped
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import DEFAULT_WEIGHTS
 from pixseek.encoders.pixels import image_transform
+from pixseek.encoders.registry import load_encoder
 from pixseek.encoders.towers import TOWERS, InferenceTower, build_backbone, normalise
 
 
@@ -27,6 +28,18 @@ def lite() -> LiteEncoder:
 def test_shipped_weights_are_small():
     assert shipped(DEFAULT_WEIGHTS).is_file()
     assert shipped(DEFAULT_WEIGHTS).stat().st_size < 25e6
+    weights = list(shipped(DEFAULT_WEIGHTS).parent.glob("*.pt"))
+    assert len(weights) >= 4 and sum(w.stat().st_size for w in weights) < 60e6  # the wheel
+
+
+def test_both_shipped_lite_models_load_by_name_with_their_own_ids(lite):
+    first = load_encoder("pixseek-lite", device="cpu")
+    second = load_encoder("pixseek-lite-2", device="cpu")
+    assert first.model_id == lite.model_id  # libraries built with pixseek-lite keep working
+    assert second.name == "pixseek-lite-2" and second.model_id.startswith("pixseek-lite-2@")
+    assert not np.allclose(first.embed_texts(["a pizza"]), second.embed_texts(["a pizza"]))
+    # a checkpoint given by path is not the preset, even where it is the same file
+    assert load_encoder(str(shipped("pixseek-lite-2.pt")), device="cpu").name == "pixseek-lite"
 
 
 def test_embeddings_have_the_right_shape_and_unit_norm(lite):

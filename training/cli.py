@@ -58,7 +58,7 @@ def _percent(value: float) -> str:
     "--base",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="Checkpoint to start from (default: the shipped pixseek-lite).",
+    help="Checkpoint to start from (default: the shipped pixseek-lite-2).",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)

@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pixseek.encoders.base import EncoderError
+from pixseek.encoders.base import EncoderError, shipped
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
+from pixseek.encoders.registry import OFFLINE_PRESET, presets
 from pixseek.encoders.torchkit import autocast_for, l2_normalise, pick_device
 from pixseek.training.captions import ImageDataset, read_captions
 from pixseek.training.contrastive import clip_loss
@@ -207,7 +208,7 @@ def train(
 ) -> dict[str, float | int | str]:
     """Fine-tune pixseek-lite on captioned photos; the best epoch goes to ``out_path``.
 
-    ``base`` is the checkpoint to start from (default: the shipped pixseek-lite); ``config``
+    ``base`` is the checkpoint to start from (default: the newest shipped pixseek-lite); ``config``
     instead starts fresh heads on that architecture. Returns the best epoch's validation metrics.
     """
     if epochs < 1:
@@ -219,6 +220,8 @@ def train(
     train_idx, val_idx = split_pairs(pairs, val_fraction)
 
     torch.manual_seed(seed)
+    if base is None:
+        base = shipped(presets()[OFFLINE_PRESET]["weights"])
     model = LiteModel(config) if config is not None else load_model(base)[0]
     encoder = LiteEncoder(model, pick_device(device))
     device_ = encoder.device

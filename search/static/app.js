@@ -200,7 +200,8 @@ async function showInfo() {
   try {
     const info = await api("/api/info");
     $("info").textContent = `${info.images.toLocaleString()} photos` +
-      (info.failed ? ` (${info.failed} failed)` : "") + ` · ${info.model || "no model yet"}`;
+      (info.failed ? ` (${info.failed} failed)` : "") + ` · ${info.model || "no model yet"}` +
+      (info.newer_model ? ` (${info.newer_model} is newer: pixseek index --reindex)` : "");
     $("rerank").disabled = !info.rerank_available;
     if (!info.rerank_available) $("rerank").parentElement.title = "Reranking is not available";
     const under = $("under");
