@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from pixseek.encoders.registry import load_captioner, load_encoder
-from pixseek.search.rerank import DEFAULT_DEPTH, FUSION, Reranker, fuse
+from pixseek.search.rerank import FUSION, Reranker, fuse
 from pixseek.training.captions import read_captions
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="The Flickr8k folder.")
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--captions", type=int, default=2, help="Queries per photo.")
-    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH)
+    parser.add_argument("--depth", type=int, help="Default: the fusion's own depth.")
     parser.add_argument("--model", default="pixseek-lite")
     parser.add_argument("--captioner", default="pixseek-captioner")
     args = parser.parse_args()
@@ -55,6 +55,7 @@ def main() -> None:
     reranker = Reranker(load_captioner(args.captioner))
     memories = reranker.memories(paths, strict=True)
     fusion = FUSION[(encoder.name, reranker.captioner.name)]
+    args.depth = args.depth or fusion.depth
     sims, fused, labels = [], [], []
     for q, text in enumerate(texts):
         top = np.argsort(-similarity[q])[: args.depth]

@@ -556,7 +556,8 @@ class Library:
 
         ``image`` is a file, an indexed image's id, or an image file's bytes (an upload).
         ``k`` past the library's size returns every match.
-        A text query's top ``rerank_depth`` (default 30) are rescored by the captioner and
+        A text query's top ``rerank_depth`` (default: the depth tuned for the model and
+        captioner, else ``DEFAULT_DEPTH``) are rescored by the captioner and
         reordered: by default where a captioner tuned for this model is available; False keeps
         the vector search's order; True asks for it (an error if no captioner can load). Results
         past the depth follow in vector-search order. Each result's ``score`` is how well it
@@ -579,9 +580,8 @@ class Library:
         plan = None
         scorer = scores.scorer(None)  # a query by example alone
         if texts:
-            depth = rerank_depth or DEFAULT_DEPTH
             model = self._encoder().name
-            plan = rank.plan_rerank(rerank, texts, depth, model, self._captioner)
+            plan = rank.plan_rerank(rerank, texts, rerank_depth, model, self._captioner)
             scorer = scores.scorer(model, plan.captioner if plan else None)
         filters = rank.Filters(
             _abspath(folder) if folder else None, taken_after, taken_before, min_score

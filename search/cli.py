@@ -293,7 +293,7 @@ def _filters(func: Callable) -> Callable:
         click.option(
             "--rerank-depth",
             type=click.IntRange(1, 1000),
-            help="How many top results to rerank (default 30).",
+            help="How many top results to rerank (default: as tuned for the model, else 30).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
     ]

@@ -144,11 +144,12 @@ def reranks_by_default(model_name: str) -> bool:
 def plan_rerank(
     rerank: bool | None,
     texts: Sequence[str],
-    depth: int,
+    depth: int | None,
     model_name: str,
     captioner: LazyReranker,
 ) -> Rerank | None:
-    """How to rerank a text query, or None for the vector search's order.
+    """How to rerank a text query, or None for the vector search's order; ``depth`` None:
+    the depth tuned with the fusion weights.
 
     By default (``rerank=None``) only where fusion weights were tuned for this pair of models
     and the captioner loads; asked for explicitly, an untuned pair gets the shipped pair's
@@ -164,7 +165,7 @@ def plan_rerank(
     fusion = FUSION.get((model_name, reranker.captioner.name)) or (
         FALLBACK_FUSION if rerank else None
     )
-    return Rerank(reranker, texts, fusion, depth) if fusion else None
+    return Rerank(reranker, texts, fusion, depth or fusion.depth) if fusion else None
 
 
 def rank(

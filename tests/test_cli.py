@@ -271,7 +271,7 @@ def test_the_lazy_commands_are_listed_with_their_own_short_help() -> None:
 
 def test_the_rerank_depth_help_names_the_api_default() -> None:
     listed = CliRunner().invoke(main, ["search", "--help"], terminal_width=200)
-    assert f"(default {api.DEFAULT_DEPTH})" in listed.output
+    assert f"(default: as tuned for the model, else {api.DEFAULT_DEPTH})" in listed.output
 
 
 def test_the_cli_and_the_server_use_only_the_public_api() -> None:

@@ -205,6 +205,16 @@ def test_rerank_fuses_scores_down_to_the_depth(
     assert all(r.caption_score is None for r in by_example)  # no text: nothing to rerank
 
 
+def test_a_fusion_tuned_with_its_own_depth_reranks_that_deep_unless_told(
+    library: Library, captioner: ColourCaptioner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(FUSION, ("color", captioner.name), Fusion(1.0, 0.1, depth=3))
+    tuned = library.search("a green photo", k=4)
+    assert [r.caption_score is not None for r in tuned] == [True, True, True, False]
+    deeper = library.search("a green photo", k=4, rerank_depth=4)
+    assert all(r.caption_score is not None for r in deeper)
+
+
 def test_no_captioner_means_plain_order_unless_asked(
     library: Library, monkeypatch: pytest.MonkeyPatch
 ) -> None:

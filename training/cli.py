@@ -214,12 +214,12 @@ def eval_command(
 def _rerank_recall(encoder, pairs, spec, depth, batch_size, device, progress) -> dict:
     """Text->image recall with search's reranking: same captioner, fusion weights and depth."""
     from pixseek.encoders.registry import load_captioner
-    from pixseek.search.rerank import DEFAULT_DEPTH, FALLBACK_FUSION, FUSION
+    from pixseek.search.rerank import FALLBACK_FUSION, FUSION
     from pixseek.training.evaluate import rerank_recall
 
     captioner = load_captioner(spec, device=device)
     fusion = FUSION.get((encoder.name, captioner.name), FALLBACK_FUSION)
-    depth = depth or DEFAULT_DEPTH
+    depth = depth or fusion.depth
     recall = rerank_recall(encoder, captioner, pairs, fusion, depth, batch_size, progress)
     return {
         **recall,
