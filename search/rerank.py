@@ -54,7 +54,7 @@ class Fusion:
 # models. BENCHMARKS.md has the sweeps.
 FUSION: dict[tuple[str, str], Fusion] = {
     ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.4),
-    ("pixseek-lite-2", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.1, depth=10),
+    ("pixseek-lite-2", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.3),
 }
 # For a pair nobody tuned (used only when reranking is asked for explicitly).
 FALLBACK_FUSION = FUSION[("pixseek-lite", "pixseek-captioner")]
