@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pixseek.encoders.captioner import PixseekCaptioner
+from pixseek.encoders.captioner import PixseekCaptioner, load_checkpoint
 from pixseek.encoders.lite import LiteEncoder
+from pixseek.encoders.minilm import load_tokenizer
 from pixseek.training.recipes import captioner, captioner_chain, cc3m, lite, mobilenet
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
@@ -75,6 +77,64 @@ def test_lite_and_captioner_recipes_write_weights_the_product_loads(
     model = PixseekCaptioner.load(out, "cpu")
     assert model.config.tower_blocks == 1
     assert isinstance(model.caption_images([Image.open(flickr / "images" / "0_red.jpg")])[0], str)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """A second folder in Flickr8k's layout whose captions use words --data's never do."""
+    root = tmp_path_factory.mktemp("extra") / "shapes"
+    (root / "images").mkdir(parents=True)
+    rows, names = ["image\tcaption"], []
+    for i, colour in enumerate(["yellow", "purple"] * 3):
+        image = Image.new("RGB", (190, 170 + 6 * i), "black")
+        ImageDraw.Draw(image).rectangle((30, 30 + i, 140, 140), fill=colour)
+        names.append(f"{i}_{colour}.jpg")
+        image.save(root / "images" / names[-1])
+        rows.append(f"{names[-1]}\ta {colour} square on black")
+    (root / "captions.tsv").write_text("\n".join(rows) + "\n")
+    (root / "train.txt").write_text("\n".join(names[:4]) + "\n")
+    (root / "dev.txt").write_text("\n".join(names[4:]) + "\n")
+    return root
+
+
+def test_captioner_trains_on_the_extra_folders_train_photos_and_reports_their_dev_loss(
+    flickr: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cache, first, second = tmp_path / "cache", tmp_path / "first.pt", tmp_path / "second.pt"
+    common = ["--data", str(flickr), "--cache", str(cache), "--tower", "tiny", "--threads", "1"]
+    common += ["--batch", "4", "--min-count", "1", "--extra", str(shapes), "--extra-flip"]
+    captioner.main([*common, "--epochs", "1", "--out", str(first)])
+    _, vocab, meta = load_checkpoint(first)
+    tokenizer = load_tokenizer()
+    assert set(tokenizer.convert_tokens_to_ids(["square", "purple", "circle"])) <= set(vocab)
+    assert meta["trained_on"] == (
+        f"{flickr.name} train.txt (6 images, 12 captions), shapes train.txt (4 images, 4 captions)"
+    )
+    assert set(meta["history"][0]["extra_dev_loss"]) == {"shapes"}
+    assert "shapes dev" in capsys.readouterr().out
+    assert (cache / "shapes" / "tiny.npy").is_file() and (
+        cache / "shapes" / "tiny_flip.npy"
+    ).is_file()
+
+    # Continued on --data alone, the dev loss of the extra photos is no longer reported; the
+    # checkpoint's vocabulary (which --data's captions alone would not make) is kept.
+    captioner.main([*common[:-3], "--epochs", "1", "--init", str(first), "--out", str(second)])
+    decoder, kept, meta = load_checkpoint(second)
+    assert kept == vocab and "extra_dev_loss" not in meta["history"][0]
+    assert meta["trained_on"] == f"{flickr.name} train.txt (6 images, 12 captions)"
+    assert PixseekCaptioner.load(second, "cpu").caption_images(
+        [Image.open(shapes / "images" / "0_yellow.jpg")]
+    )
+
+
+def test_extra_folders_with_one_name_are_refused(
+    flickr: Path, shapes: Path, tmp_path: Path
+) -> None:
+    twin = tmp_path / "elsewhere" / "shapes"
+    shutil.copytree(shapes, twin)
+    folders = ["--data", str(flickr), "--cache", str(tmp_path / "cache"), "--out", "x.pt"]
+    with pytest.raises(SystemExit, match="share a name"):
+        captioner.main([*folders, "--extra", str(shapes), "--extra", str(twin)])
 
 
 def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(

@@ -11,6 +11,10 @@ four runs, each continuing the one before (data/CAPTIONER_CARD.md), the last one
         --tower-from data/pixseek-lite.pt --flip --crops 12 --epochs 4 --lr 5e-4 --threads 2 \
         --out data/pixseek-captioner.pt
 
+``--extra FOLDER`` (repeatable) adds the train photos of more folders in Flickr8k's layout,
+such as the one the :mod:`.cc3m` recipe makes (their caches in CACHE/NAME). The kept epoch is
+still the one best on ``--data``'s dev loss; each extra folder's dev loss is printed beside it.
+
 One thread by default: on a busy 2-core CPU a second thread made each step 2-4x slower; on a
 quiet one, two threads are faster.
 """
@@ -41,11 +45,13 @@ from pixseek.encoders.towers import TOWERS, InferenceTower
 from pixseek.encoders.wordpiece import BOS, EOS, PAD, UNK, clean_caption
 from pixseek.training.captions import parse_caption_file, read_split
 from pixseek.training.recipes.features import (
+    Folder,
     View,
+    add_extra_arguments,
     add_folder_arguments,
     image_cache,
     image_names,
-    training_views,
+    training_folders,
 )
 
 
@@ -84,6 +90,43 @@ def tower_maps(
     top = InferenceTower(lite.backbone[cut:], torch.device("cpu"))
     for i in range(0, len(lower), 256):
         out[i : i + 256] = top(torch.from_numpy(np.array(lower[i : i + 256])).float()).half()
+
+
+@dataclasses.dataclass
+class FolderRows:
+    """One folder's captions, pointing into the recipe's array of maps, where the folder's
+    photos fill ``views`` blocks of ``images`` rows from row ``first`` (view v of photo i is row
+    ``first + v * images + i``); ``train_rows``/``dev_rows`` are each caption's photo's row in
+    the first view, the centre crop."""
+
+    name: str
+    first: int
+    images: int
+    views: int
+    train_rows: np.ndarray
+    train_ids: list[list[int]]
+    dev_rows: np.ndarray
+    dev_ids: list[list[int]]
+
+    def drawn_train_rows(self, rng: np.random.Generator) -> np.ndarray:
+        """Each train caption's photo in one of its views, drawn at random."""
+        return self.train_rows + self.images * rng.integers(self.views, size=len(self.train_rows))
+
+
+def folder_rows(folder: Folder, first: int, tokenizer) -> FolderRows:
+    """``folder``'s train and dev captions, tokenized, and their photos' rows from ``first``."""
+    names = image_names(folder.data)
+    row_of = {n: first + i for i, n in enumerate(names)}
+    captions = parse_caption_file(folder.data / "captions.tsv")
+
+    def split(file: str) -> tuple[np.ndarray, list[list[int]]]:
+        split_names = read_split(folder.data / file)
+        pairs = [(row_of[n], clean_caption(c)) for n in split_names for c in captions[n]]
+        ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        return np.array([r for r, _ in pairs]), ids
+
+    train, dev = split("train.txt"), split("dev.txt")
+    return FolderRows(folder.data.name, first, len(names), len(folder.views), *train, *dev)
 
 
 def batches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -132,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_folder_arguments(parser)
+    add_extra_arguments(
+        parser,
+        "their dev captions' loss is printed each epoch (the kept epoch is the one best on "
+        "--data's dev loss alone)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="write the checkpoint here")
     parser.add_argument("--tower", default="mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=4)
@@ -146,7 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda: an epoch takes seconds there")
     parser.add_argument("--flip", action="store_true", help="also train on the mirrored view")
-    parser.add_argument("--init", type=Path, help="continue from this captioner checkpoint")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="continue from this captioner checkpoint, in its architecture and vocabulary "
+        "(word pieces it lacks read as [UNK]; --width, --layers, --ff, --min-count are ignored)",
+    )
     parser.add_argument(
         "--tower-from",
         type=Path,
@@ -158,29 +211,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    names = image_names(args.data)
-    row_of = {n: i for i, n in enumerate(names)}
-    train_names = read_split(args.data / "train.txt")
-    dev_names = read_split(args.data / "dev.txt")
+    folders = training_folders(args)
     lite = load_model(args.tower_from)[0] if args.tower_from else None
-    views = training_views(args.flip, args.crops)
-    # Row n + 7000 v is image n seen in view v (centre crop, mirrored, random crops; crops fill
-    # train rows only). 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
-    grids = np.empty((len(views) * len(names), TOWERS[args.tower][2], 7, 7), dtype=np.float16)
-    for v, view in enumerate(views):
-        rows = grids[v * len(names) : (v + 1) * len(names)]
-        tower_maps(args.data, args.cache, args.tower, lite, view, rows)
-    captions = parse_caption_file(args.data / "captions.tsv")
     tokenizer = load_tokenizer()
-
-    def split(split_names: list[str]) -> tuple[np.ndarray, list[list[int]]]:
-        pairs = [(row_of[n], clean_caption(c)) for n in split_names for c in captions[n]]
-        ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-        return np.array([r for r, _ in pairs]), ids
-
-    train_rows, train_ids = split(train_names)
-    dev_rows, dev_ids = split(dev_names)
-    vocab = build_vocab(train_ids, args.min_count, tokenizer)
+    sets, first = [], 0
+    for folder in folders:
+        sets.append(folder_rows(folder, first, tokenizer))
+        first += sets[-1].views * sets[-1].images
+    # All folders' maps in one array (FolderRows says where each photo's views are). Crops fill
+    # train rows only. 7000 x 1280 x 7 x 7 fp16 is 0.9 GB in memory per view.
+    grids = np.empty((first, TOWERS[args.tower][2], 7, 7), dtype=np.float16)
+    for folder, rows in zip(folders, sets, strict=True):
+        for v, view in enumerate(folder.views):
+            block = grids[rows.first + v * rows.images :][: rows.images]
+            tower_maps(folder.data, folder.cache, args.tower, lite, view, block)
+    train_ids = [ids for rows in sets for ids in rows.train_ids]
+    if args.init:  # its decoder weights (architecture and vocabulary), read through this tower
+        init, vocab, _ = load_checkpoint(args.init)
+    else:
+        vocab = build_vocab(train_ids, args.min_count, tokenizer)
     config = CaptionerConfig(
         tower=args.tower,
         vocab_size=len(vocab),
@@ -190,12 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         tower_blocks=lite.config.tower_trainable_blocks if lite else 0,
     )
     train_seqs = encode(train_ids, vocab, config.max_tokens)
-    dev_seqs = encode(dev_ids, vocab, config.max_tokens)
+    dev_seqs = [encode(rows.dev_ids, vocab, config.max_tokens) for rows in sets]
     lengths = np.array([len(s) for s in train_seqs])
-    if args.init:  # its decoder weights (and architecture), read through this run's tower
-        init, init_vocab, _ = load_checkpoint(args.init)
-        if init_vocab != vocab:
-            raise SystemExit(f"{args.init} was trained with another vocabulary")
+    if args.init:
         config = dataclasses.replace(init.config, tower_blocks=config.tower_blocks)
         model = CaptionDecoder(config)
         decoder_state = {k: v for k, v in init.state_dict().items() if "tower_blocks" not in k}
@@ -219,12 +265,19 @@ def main(argv: list[str] | None = None) -> None:
         return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    settings = vars(args).items()
+    settings = {
+        k: [str(x) for x in v] if k == "extra" else str(v) if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+    }
+    trained_on = ", ".join(
+        f"{r.name} train.txt ({len(np.unique(r.train_rows))} images, {len(r.train_ids)} captions)"
+        for r in sets
+    )
     best, history, step, start = float("inf"), [], 0, time.time()
     model.train()
     for epoch in range(1, args.epochs + 1):
         running = []
-        rows = train_rows + len(names) * rng.integers(len(views), size=len(train_rows))
+        rows = np.concatenate([r.drawn_train_rows(rng) for r in sets])
         for idx in batches(lengths, args.batch, rng):
             loss = loss_of(model, grids, rows, train_seqs, idx)
             optimizer.zero_grad(set_to_none=True)
@@ -243,11 +296,20 @@ def main(argv: list[str] | None = None) -> None:
             if args.max_steps and step >= args.max_steps:
                 print(f"{step} steps in {time.time() - start:.1f}s")
                 return
-        dev = dev_loss(model, grids, dev_rows, dev_seqs)
+        # Selection reads --data's dev loss; the extra folders' are reported beside it.
+        dev, *extra = (
+            dev_loss(model, grids, rows.dev_rows, seqs)
+            for rows, seqs in zip(sets, dev_seqs, strict=True)
+        )
         history.append({"epoch": epoch, "train_loss": float(np.mean(running)), "dev_loss": dev})
+        extra_dev = {r.name: x for r, x in zip(sets[1:], extra, strict=True)}
+        if extra_dev:
+            history[-1]["extra_dev_loss"] = extra_dev
         print(
             f"epoch {epoch}: train {history[-1]['train_loss']:.3f} dev {dev:.3f} "
-            f"(perplexity {math.exp(dev):.1f}) {time.time() - start:.0f}s",
+            f"(perplexity {math.exp(dev):.1f})"
+            + "".join(f", {name} dev {x:.3f}" for name, x in extra_dev.items())
+            + f" {time.time() - start:.0f}s",
             flush=True,
         )
         if dev < best:
@@ -257,12 +319,11 @@ def main(argv: list[str] | None = None) -> None:
                 vocab,
                 args.out,
                 meta={
-                    "trained_on": f"flickr8k train.txt ({len(train_names)} images, "
-                    f"{len(train_seqs)} captions)",
+                    "trained_on": trained_on,
                     "epoch": epoch,
                     "dev_loss": dev,
                     "history": history,
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in settings},
+                    "args": settings,
                     "seconds": round(time.time() - start),
                 },
             )

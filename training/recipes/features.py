@@ -87,6 +87,51 @@ def training_views(flip: bool, crops: int) -> list[View]:
     return [View(), *([View(flip=True)] if flip else []), *(View(crop=k) for k in range(crops))]
 
 
+def add_extra_arguments(parser: argparse.ArgumentParser, dev_use: str) -> None:
+    """``--extra`` (repeatable) with ``--extra-flip`` and ``--extra-crops``: more folders whose
+    train photos join training; ``dev_use`` tells what the recipe does with their dev photos."""
+    parser.add_argument(
+        "--extra",
+        type=flickr8k_folder,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FOLDER",
+        help="more captioned folders in --data's layout (the cc3m recipe's output; repeatable): "
+        f"their train photos join training, {dev_use}; caches in CACHE/NAME",
+    )
+    parser.add_argument("--extra-flip", action="store_true", help="--flip for the --extra photos")
+    parser.add_argument(
+        "--extra-crops", type=int, default=0, help="random-crop views of the --extra photos"
+    )
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder a recipe trains on, where its caches live, and the views of its photos."""
+
+    data: Path
+    cache: Path
+    flip: bool
+    crops: int
+
+    @property
+    def views(self) -> list[View]:
+        return training_views(self.flip, self.crops)
+
+
+def training_folders(args: argparse.Namespace) -> list[Folder]:
+    """``--data`` (caches in ``--cache``, views ``--flip``/``--crops``), then each ``--extra``
+    (caches in CACHE/NAME, views ``--extra-flip``/``--extra-crops``)."""
+    names = [x.name for x in args.extra]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--extra folders share a name, so they would share caches: {names}")
+    return [
+        Folder(args.data, args.cache, args.flip, args.crops),
+        *(Folder(x, args.cache / x.name, args.extra_flip, args.extra_crops) for x in args.extra),
+    ]
+
+
 class Photos(Dataset):
     """Decoded, transformed photos; with ``seed``, one reproducible random view per photo."""
 

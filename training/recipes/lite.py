@@ -40,11 +40,12 @@ from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.training.captions import read_split
 from pixseek.training.evaluate import KS, retrieval_metrics
 from pixseek.training.recipes.features import (
+    Folder,
+    add_extra_arguments,
     add_folder_arguments,
     caption_cache,
-    flickr8k_folder,
     image_cache,
-    training_views,
+    training_folders,
 )
 from pixseek.training.train import build_optimizer, contrastive_step, cosine_schedule, embed_batches
 
@@ -95,15 +96,14 @@ class CaptionSet:
         return self.maps[0][self.n_train :]
 
 
-def load_set(
-    data: Path, cache: Path, args: argparse.Namespace, model: LiteModel, flip: bool, crops: int
-) -> CaptionSet:
+def load_set(folder: Folder, args: argparse.Namespace, model: LiteModel) -> CaptionSet:
     """A folder's caches (made on first use), run through the CNN blocks no training changes."""
+    data, cache = folder.data, folder.cache
     blocks = CUT if model.config.tower_trainable_blocks else None
     # Crop views fill train rows only; dev always reads the centre crop (maps[0]).
     maps = [
         torch.from_numpy(np.load(image_cache(data, cache, model.config.tower, view, blocks)))
-        for view in training_views(flip, crops)
+        for view in folder.views
     ]
     # The frozen blocks between the cache and the tuned ones (with --freeze-tower all of them,
     # then the mean the head takes) run once here instead of every epoch.
@@ -161,19 +161,7 @@ def recall(metrics: dict, direction: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_folder_arguments(p)
-    p.add_argument(
-        "--extra",
-        type=flickr8k_folder,
-        nargs="+",
-        default=[],
-        metavar="FOLDER",
-        help="more captioned folders in --data's layout (the cc3m recipe's output): their train "
-        "photos join training, their dev photos are another dev set; caches in CACHE/NAME",
-    )
-    p.add_argument("--extra-flip", action="store_true", help="--flip for the --extra photos")
-    p.add_argument(
-        "--extra-crops", type=int, default=0, help="random-crop views of the --extra photos"
-    )
+    add_extra_arguments(p, "their dev photos are another dev set")
     p.add_argument(
         "--init",
         type=Path,
@@ -277,11 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.temperature:
         model.logit_scale.data.fill_(float(np.log(1 / args.temperature)))
         model.logit_scale.requires_grad_(False)
-    sets = [load_set(args.data, args.cache, args, model, args.flip, args.crops)]
-    sets += [
-        load_set(x, args.cache / x.name, args, model, args.extra_flip, args.extra_crops)
-        for x in args.extra
-    ]
+    sets = [load_set(folder, args, model) for folder in training_folders(args)]
     tail = list(model.backbone[model.tower_split :])
     if args.freeze_tower:  # the cached maps are already through these blocks, and pooled
         for i in range(model.tower_split, len(model.backbone)):
