@@ -118,9 +118,11 @@ def test_captioner_trains_on_the_extra_folders_train_photos_and_reports_their_de
 
     # Continued on --data alone, the dev loss of the extra photos is no longer reported; the
     # checkpoint's vocabulary (which --data's captions alone would not make) is kept.
-    captioner.main([*common[:-3], "--epochs", "1", "--init", str(first), "--out", str(second)])
+    continued = ["--epochs", "3", "--stop-after", "1", "--init", str(first), "--out", str(second)]
+    captioner.main([*common[:-3], *continued])
     decoder, kept, meta = load_checkpoint(second)
     assert kept == vocab and "extra_dev_loss" not in meta["history"][0]
+    assert [h["epoch"] for h in meta["history"]] == [1]  # the 3-epoch schedule, ended after 1
     assert meta["trained_on"] == f"{flickr.name} train.txt (6 images, 12 captions)"
     assert PixseekCaptioner.load(second, "cpu").caption_images(
         [Image.open(shapes / "images" / "0_yellow.jpg")]
@@ -138,7 +140,7 @@ def test_extra_folders_with_one_name_are_refused(
 
 
 def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
-    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    flickr: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "captioner.pt"
     work = cache / "captioner-chain"
@@ -151,6 +153,14 @@ def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
     assert commands[-1].endswith(
         f"--init {work / 'run3.pt'} --tower-from {captioner_chain.shipped('pixseek-lite.pt')} "
         f"--flip --crops 12 --epochs 4 --lr 5e-4 --threads 2 --out {out}"
+    )
+    captioner_chain.main([*folders, "--extra", str(shapes), "--dry-run"])
+    with_web = capsys.readouterr().out.splitlines()  # captioner 2: a fifth run, on both folders
+    assert with_web[:4] == commands[:4] and with_web[4].endswith(f"--out {work / 'run4.pt'}")
+    assert with_web[5].endswith(
+        f"--init {work / 'run4.pt'} --tower-from {captioner_chain.shipped('pixseek-lite.pt')} "
+        f"--extra {shapes} --extra-flip --flip --crops 2 --epochs 3 --stop-after 2 --lr 3e-4 "
+        f"--threads 2 --out {out}"
     )
     assert not cache.exists()  # a dry run makes nothing
 

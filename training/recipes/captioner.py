@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="write the checkpoint here")
     parser.add_argument("--tower", default="mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="end after N epochs of the --epochs schedule (captioner 2 stopped after 2 of 3)",
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=256)
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     best, history, step, start = float("inf"), [], 0, time.time()
     model.train()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, (args.stop_after or args.epochs) + 1):
         running = []
         rows = np.concatenate([r.drawn_train_rows(rng) for r in sets])
         for idx in batches(lengths, args.batch, rng):

@@ -1,17 +1,20 @@
-"""The one command that makes ``data/pixseek-captioner.pt`` from Flickr8k alone.
+"""The one command that makes ``data/pixseek-captioner.pt``: captioner 2, from Flickr8k and CC3M.
 
-The shipped captioner came from four runs of :mod:`.captioner`, each continuing the one before,
-and the third reads the tuned tower of an intermediate pixseek-lite (variant K, made by
-:mod:`.lite`). This module runs that chain in order with the card's arguments
-(data/CAPTIONER_CARD.md), so nobody has to copy five commands by hand:
+Captioner 1 came from four runs of :mod:`.captioner`, each continuing the one before, and the
+third reads the tuned tower of an intermediate pixseek-lite (variant K, made by :mod:`.lite`);
+captioner 2, shipped since 2026-12-04, is a fifth run that continues it on Flickr8k plus the
+CC3M folder (``--extra``, the :mod:`.cc3m` recipe's output). This module runs that chain in
+order with the card's arguments (data/CAPTIONER_CARD.md), so nobody has to copy six commands
+by hand:
 
     python -m pixseek.training.recipes.captioner_chain --data FLICKR8K --cache CACHE \\
-        --out data/pixseek-captioner.pt
+        --extra CC3M --out data/pixseek-captioner.pt
 
-The intermediate checkpoints go to ``CACHE/captioner-chain/``. A step whose checkpoint is
+Without ``--extra`` it stops at captioner 1. The intermediate checkpoints go to
+``CACHE/captioner-chain/``. A step whose checkpoint is
 there is not run again, so a stopped chain resumes at the step it was in; each step writes
-to a ``.partial`` name first, so a step cut off halfway is redone, not trusted. The last run
-reads the tower of the shipped pixseek-lite (``--lite`` to use another, e.g. a fresh one from
+to a ``.partial`` name first, so a step cut off halfway is redone, not trusted. The last runs
+read the tower of the shipped pixseek-lite 1 (``--lite`` to use another, e.g. a fresh one from
 :mod:`.lite`'s own command). ``--dry-run`` prints the commands and runs nothing.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from pixseek.encoders.base import shipped
 
 from . import captioner, lite
-from .features import add_folder_arguments
+from .features import add_folder_arguments, flickr8k_folder
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,13 @@ class Step:
         return [*folders, *self.args, *extra, flag, str(out)]
 
 
-def chain(work: Path, lite_checkpoint: Path, out: Path) -> list[Step]:
-    """The card's four captioner runs, with the pixseek-lite (K) that run 3 reads."""
-    run1, run2, k, run3 = (work / f"{name}.pt" for name in ("run1", "run2", "lite-k", "run3"))
-    return [
+def chain(work: Path, lite_checkpoint: Path, out: Path, extra: Path | None) -> list[Step]:
+    """The card's captioner runs, with the pixseek-lite (K) that run 3 reads: four on
+    Flickr8k, and with an ``extra`` folder (CC3M) a fifth on both, which made captioner 2."""
+    names = ("run1", "run2", "lite-k", "run3", "run4")
+    run1, run2, k, run3, run4 = (work / f"{name}.pt" for name in names)
+    last = ["--tower-from", str(lite_checkpoint)]
+    steps = [
         Step("captioner", run1, []),
         Step("captioner", run2, ["--init", str(run1), "--flip", "--epochs", "3", "--lr", "3e-4"]),
         Step(
@@ -65,11 +71,23 @@ def chain(work: Path, lite_checkpoint: Path, out: Path) -> list[Step]:
         ),
         Step(
             "captioner",
-            out,
-            ["--init", str(run3), "--tower-from", str(lite_checkpoint)]
+            run4 if extra else out,
+            ["--init", str(run3), *last]
             + shlex.split("--flip --crops 12 --epochs 4 --lr 5e-4 --threads 2"),
         ),
     ]
+    if extra:
+        steps.append(
+            Step(
+                "captioner",
+                out,
+                ["--init", str(run4), *last, "--extra", str(extra)]
+                + shlex.split(
+                    "--extra-flip --flip --crops 2 --epochs 3 --stop-after 2 --lr 3e-4 --threads 2"
+                ),
+            )
+        )
+    return steps
 
 
 RECIPES: dict[str, Callable[[list[str]], None]] = {
@@ -98,13 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lite-args", default="", help="extra arguments for the pixseek-lite run, likewise"
     )
+    parser.add_argument(
+        "--extra",
+        type=flickr8k_folder,
+        help="the CC3M folder (the cc3m recipe's output): add the fifth run, which made "
+        "captioner 2 (without it: the four Flickr8k runs of captioner 1)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
 
     work = args.cache / "captioner-chain"
     folders = ["--data", str(args.data), "--cache", str(args.cache)]
     extra = {"captioner": shlex.split(args.captioner_args), "lite": shlex.split(args.lite_args)}
-    steps = chain(work, args.lite, args.out)
+    steps = chain(work, args.lite, args.out, args.extra)
     for number, step in enumerate(steps, 1):
         command = f"python -m pixseek.training.recipes.{step.recipe}"
         if args.dry_run:
