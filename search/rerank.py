@@ -31,7 +31,7 @@ from pixseek.indexer.paths import printable
 if TYPE_CHECKING:
     from pixseek.encoders.base import Captioner, Pixels
 
-DEFAULT_DEPTH = 30  # with pixseek-lite's fusion: deeper gained <= 0.02 R@1 on dev, cost more
+DEFAULT_DEPTH = 30  # with the fusions below: depth 50 gained <= 0.02 R@1 on dev, cost more
 CACHE_SIZE = 512  # photos' memories kept: ~100 KB each (two views) for the pixseek captioner
 MIN_SIDE = 224
 SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)  # words a mirror image turns around
@@ -48,12 +48,11 @@ class Fusion:
     depth: int = DEFAULT_DEPTH
 
 
-# Chosen by bench/bench_rerank.py on Flickr8k dev (5000 captions, 1000 photos), and from
-# pixseek-lite 2 on also CC3M dev (web photos, 1000 alt-texts), where no setting may lower
-# R@1 or R@10; per pair of (dual encoder, captioner) names: similarity scales differ between
-# models. BENCHMARKS.md has the sweeps.
+# Chosen by bench/bench_rerank.py on Flickr8k dev (5000 captions, 1000 photos) and CC3M dev
+# (web photos, 1000 alt-texts; the pair must raise both), per pair of (dual encoder,
+# captioner) names: similarity scales differ between models. BENCHMARKS.md has the sweeps.
 FUSION: dict[tuple[str, str], Fusion] = {
-    ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.4),
+    ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.5),
     ("pixseek-lite-2", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.3),
 }
 # For a pair nobody tuned (used only when reranking is asked for explicitly).
