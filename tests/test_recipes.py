@@ -129,6 +129,13 @@ def test_captioner_trains_on_the_extra_folders_train_photos_and_reports_their_de
     )
 
 
+def test_stop_after_past_the_schedule_is_refused(flickr: Path, tmp_path: Path) -> None:
+    folders = ["--data", str(flickr), "--cache", str(tmp_path / "cache"), "--out", "x.pt"]
+    with pytest.raises(SystemExit):
+        captioner.main([*folders, "--epochs", "2", "--stop-after", "3"])
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
 def test_extra_folders_with_one_name_are_refused(
     flickr: Path, shapes: Path, tmp_path: Path
 ) -> None:

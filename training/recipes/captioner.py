@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--crops", type=int, default=0, help="also train on N random-crop views")
     args = parser.parse_args(argv)
+    if not 0 <= args.stop_after <= args.epochs:
+        parser.error(f"--stop-after must be 0 (off) to --epochs ({args.epochs})")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
