@@ -40,7 +40,7 @@ def cosine(raw: float) -> float:
 
 # Fitted by bench/calibrate_scores.py on Flickr8k dev (BENCHMARKS.md: 400 captions of 200
 # photos), by model name (plain similarity: each caption's top 30 candidates) and by (model,
-# captioner) name (fused score: the top candidates its fusion reranks, 30 or 10).
+# captioner) name (fused score: the top candidates its fusion reranks).
 SIMILARITY: dict[str, Scale] = {
     "pixseek-lite": Scale(mid=0.6694, width=0.0702),
     "pixseek-lite-2": Scale(mid=0.6775, width=0.0672),
