@@ -135,11 +135,10 @@ class _ImagePath(nn.Module):
         super().__init__()
         model = encoder.model
         tower = InferenceTower(model.frozen_blocks, torch.device("cpu"), model.config.tower)
-        self.tower, self.kind = tower.module, model.config.tower
-        self.tail, self.head = model.backbone[model.tower_split :], model.image_head
+        self.tower, self.kind, self.model = tower.module, model.config.tower, model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tail(self.tower(normalise(pixels, self.kind)).float()))
+        return self.model.encode_grid(self.tower(normalise(pixels, self.kind)))
 
 
 class _TextPath(nn.Module):

@@ -41,6 +41,12 @@ class LiteConfig:
     dropout: float = 0.0
     image_size: int = IMAGE_SIZE
     max_tokens: int = 64
+    # Words no caption taught (:class:`ClassWords`): an ImageNet classifier's classes, added to
+    # each photo's embedding with this weight (0: none); the top ``class_top`` classes count.
+    classes: int = 0
+    class_weight: float = 0.0
+    class_top: int = 5
+    class_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -51,6 +57,8 @@ class LiteConfig:
             raise EncoderError(f"unknown pooling {self.pool!r}; use 'attention' or 'mean'")
         if self.tower_trainable_blocks and self.tower not in SEQUENTIAL_TOWERS:
             raise EncoderError(f"the {self.tower} tower cannot be fine-tuned (only MobileNetV2)")
+        if self.classes and not 0 < self.class_top <= self.classes:
+            raise EncoderError(f"class_top must be 1..{self.classes}, not {self.class_top}")
 
     @classmethod
     def from_dict(cls, values: dict) -> LiteConfig:
@@ -101,6 +109,32 @@ class ImageHead(nn.Module):
         grid = self.pos.T.reshape(1, -1, side, side)
         grid = nn.functional.interpolate(grid, size=(new, new), mode="bilinear")
         return grid.reshape(self.pos.shape[1], n).T
+
+
+class ClassWords(nn.Module):
+    """Words that no caption taught, from an ImageNet classifier: a photo's top classes, as
+    the mean of their names' text embeddings weighted by probability.
+
+    Added to the image embedding, this lets "a toaster" find toasters although no training
+    caption named one. The classifier reads the CNN's pooled last map, and ``words`` holds
+    each class name's text embedding (rows of unit length) from the same model's text tower,
+    so a query meets them in the space it is embedded in. Neither trains with the model: the
+    recipe ``pixseek.training.recipes.class_words`` fits the classifier and embeds the names.
+    """
+
+    def __init__(self, channels: int, config: LiteConfig) -> None:
+        super().__init__()
+        self.top, self.temperature = config.class_top, config.class_temperature
+        self.classifier = nn.Linear(channels, config.classes)
+        self.register_buffer("words", torch.zeros(config.classes, config.dim))
+        self.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, channels) pooled CNN features -> (B, dim) unit vectors."""
+        logits = self.classifier(features.float()) / self.temperature
+        kth = logits.topk(self.top, dim=1).values[:, -1:]
+        weights = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=1)
+        return nn.functional.normalize(weights @ self.words, dim=1)
 
 
 class TextTower(nn.Module):
@@ -155,6 +189,7 @@ class LiteModel(nn.Module):
         if config.tower_trainable_blocks:
             self.backbone[self.tower_split :].requires_grad_(True)
         self.image_head = ImageHead(TOWERS[config.tower][2], config)
+        self.class_words = ClassWords(TOWERS[config.tower][2], config) if config.classes else None
         self.text = TextTower(config, pretrained)
         self.text_head = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(self.text.width, config.dim)
@@ -183,8 +218,18 @@ class LiteModel(nn.Module):
             return self.frozen_blocks(normalise(pixels, self.config.tower))
 
     def encode_grid(self, grid: torch.Tensor) -> torch.Tensor:
-        """Tuned CNN blocks (if any), then the head: grid -> unnormalised embedding."""
-        return self.image_head(self.backbone[self.tower_split :](grid.float()))
+        """Tuned CNN blocks (if any), then the head: grid -> unnormalised embedding; with
+        class words, the head's unit vector plus ``class_weight`` times theirs."""
+        last = self.backbone[self.tower_split :](grid.float())
+        return self.add_class_words(self.image_head(last), last.mean((2, 3)))
+
+    def add_class_words(self, embedding: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The head's embedding with the class words of the pooled last map added (as it is
+        without them); what :meth:`encode_grid` returns, split out for the recipe's sweep."""
+        if self.class_words is None:
+            return embedding
+        words = self.class_words(pooled)
+        return nn.functional.normalize(embedding, dim=1) + self.config.class_weight * words
 
     def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = text["attention_mask"]

@@ -1,6 +1,7 @@
 """pixseek's own models on ONNX Runtime: the same numbers as torch, exported on the first load,
 opened without torch after it, and torch wherever ONNX Runtime does not run."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -24,6 +25,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 TINY = LiteConfig(tower="tiny", text="tiny", pool="attention", dim=16, width=32, heads=2)
+WORDS = dataclasses.replace(TINY, classes=10, class_weight=0.5, class_top=3)
 TEXTS = ["a dog", "two children playing on the beach near a big red boat", "word " * 100]
 
 
@@ -32,9 +34,12 @@ def cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PIXSEEK_CACHE", str(tmp_path / "cache"))
 
 
-def tiny_weights(folder: Path, seed: int = 0) -> Path:
+def tiny_weights(folder: Path, seed: int = 0, config: LiteConfig = TINY) -> Path:
     torch.manual_seed(seed)
-    return save_lite(LiteModel(TINY, pretrained=False), folder / f"lite-{seed}.pt")
+    model = LiteModel(config, pretrained=False)
+    if model.class_words is not None:
+        model.class_words.words.copy_(torch.nn.functional.normalize(torch.randn(10, 16), dim=1))
+    return save_lite(model, folder / f"lite-{seed}.pt")
 
 
 def pixels(n: int) -> np.ndarray:
@@ -51,12 +56,16 @@ def embeddings(encoder) -> list[np.ndarray]:
     ]
 
 
-def test_a_cpu_load_runs_on_onnx_runtime_with_torchs_numbers_for_any_batch_and_length(tmp_path):
-    weights = tiny_weights(tmp_path)
+@pytest.mark.parametrize("config", [TINY, WORDS], ids=["plain", "class-words"])
+def test_a_cpu_load_runs_on_onnx_runtime_with_torchs_numbers_for_any_batch_and_length(
+    tmp_path, config
+):
+    weights = tiny_weights(tmp_path, config=config)
     fast = registry.load_encoder(str(weights), device="cpu")
     assert isinstance(fast, LiteRuntime)
     plain = LiteEncoder.load(weights, "cpu")
     assert fast.model_id == plain.model_id and fast.dim == plain.dim
+    assert plain.config == config
     for got, want in zip(embeddings(fast), embeddings(plain), strict=True):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-5)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from pixseek.encoders.captioner import PixseekCaptioner, load_checkpoint
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.minilm import load_tokenizer
-from pixseek.training.recipes import captioner, captioner_chain, cc3m, lite, mobilenet
+from pixseek.training.recipes import captioner, captioner_chain, cc3m, class_words, lite, mobilenet
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
@@ -77,6 +77,50 @@ def test_lite_and_captioner_recipes_write_weights_the_product_loads(
     model = PixseekCaptioner.load(out, "cpu")
     assert model.config.tower_blocks == 1
     assert isinstance(model.caption_images([Image.open(flickr / "images" / "0_red.jpg")])[0], str)
+
+
+def test_class_words_recipe_adds_a_distilled_classifier_the_product_loads(
+    flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folders = ("--data", flickr, "--cache", tmp_path / "cache", "--threads", "1")
+    options = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
+    _run(lite, monkeypatch, *folders, *options, "--batch", "3", "--save", tmp_path / "lite.pt")
+    # torchvision's file holds the 1000 x 1280 classifier; the tiny tower's map has 32 channels
+    torch.manual_seed(0)
+    fake = {"classifier.1.weight": torch.randn(1000, 32), "classifier.1.bias": torch.zeros(1000)}
+    torch.save(fake, tmp_path / "mobilenet.pth")
+    monkeypatch.setattr(class_words, "TEMPLATES", ("{}",))  # 1,000 names through MiniLM once
+    words = ("--weights", tmp_path / "mobilenet.pth", "--weight", "0.2", "0.4", "--top", "2")
+    out = tmp_path / "words.pt"
+    _run(class_words, monkeypatch, *folders, "--init", tmp_path / "lite.pt", *words, "--save", out)
+    encoder = LiteEncoder.load(out, "cpu")
+    config = encoder.config
+    assert (config.classes, config.class_top) == (1000, 2) and config.class_weight in (0.2, 0.4)
+    assert torch.load(out, weights_only=False)["meta"]["class_words"]["chosen"]["top"] == 2
+    image = np.asarray(
+        Image.open(flickr / "images" / "0_red.jpg").convert("RGB").resize((224, 224))
+    )
+    assert encoder.embed_images(image.transpose(2, 0, 1)[None].copy()).shape == (1, 256)
+
+
+def test_class_words_recipe_refuses_a_classifier_of_another_width(
+    flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folders = ("--data", flickr, "--cache", tmp_path / "cache", "--threads", "1")
+    options = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
+    _run(lite, monkeypatch, *folders, *options, "--batch", "3", "--save", tmp_path / "lite.pt")
+    wide = {"classifier.1.weight": torch.zeros(1000, 1280), "classifier.1.bias": torch.zeros(1000)}
+    torch.save(wide, tmp_path / "mobilenet.pth")
+    with pytest.raises(SystemExit, match="not \\(1000, 32\\)"):
+        _run(
+            class_words,
+            monkeypatch,
+            *folders,
+            "--init",
+            tmp_path / "lite.pt",
+            "--weights",
+            tmp_path / "mobilenet.pth",
+        )
 
 
 @pytest.fixture(scope="module")

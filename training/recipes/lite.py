@@ -136,16 +136,27 @@ def reduce(blocks: nn.Module, maps: torch.Tensor, pool: bool) -> torch.Tensor:
     return (out.mean((2, 3), keepdim=True) if pool else out).half()
 
 
+def dev_texts(
+    model: LiteModel, texts: CachedCaptions, n_train: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings of the dev captions, and the dev photo (counted from the first one
+    after the ``n_train`` train photos) each was written of."""
+    dev_caps = np.flatnonzero(texts.owner >= n_train)
+    text_emb = embed_batches(
+        lambda a, b: model.encode_text(texts.batch(dev_caps[a:b])),
+        len(dev_caps),
+        500,
+        torch.device("cpu"),
+    )
+    return text_emb, texts.owner[dev_caps] - n_train
+
+
 def dev_metrics(model: LiteModel, grids: torch.Tensor, texts: CachedCaptions, n_train: int) -> dict:
     """Recall on the dev photos (the image rows after the ``n_train`` train ones)."""
     model.eval()
-    dev_caps = np.flatnonzero(texts.owner >= n_train)
     cpu = torch.device("cpu")
     image_emb = embed_batches(lambda a, b: model.encode_grid(grids[a:b]), len(grids), 250, cpu)
-    text_emb = embed_batches(
-        lambda a, b: model.encode_text(texts.batch(dev_caps[a:b])), len(dev_caps), 500, cpu
-    )
-    return retrieval_metrics(image_emb, text_emb, texts.owner[dev_caps] - n_train).to_dict()
+    return retrieval_metrics(image_emb, *dev_texts(model, texts, n_train)).to_dict()
 
 
 def best_weights(final: dict[str, dict], dev_set: str | None = None) -> str:
