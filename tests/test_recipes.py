@@ -18,7 +18,15 @@ from PIL import Image, ImageDraw
 from pixseek.encoders.captioner import PixseekCaptioner, load_checkpoint
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.minilm import load_tokenizer
-from pixseek.training.recipes import captioner, captioner_chain, cc3m, class_words, lite, mobilenet
+from pixseek.training.recipes import (
+    captioner,
+    captioner_chain,
+    cc3m,
+    class_words,
+    lite,
+    lite_chain,
+    mobilenet,
+)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
@@ -237,6 +245,44 @@ def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
         k: before[k] for k in ("run1.pt", "run2.pt", "lite-k.pt")
     }
     assert (work / "run3.pt").is_file() and not list(work.glob("*.partial"))
+
+
+def test_lite_chain_runs_the_cards_runs_in_order_and_ends_with_the_class_words(
+    flickr: Path,
+    shapes: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "lite-2.pt"
+    work = cache / "lite-chain"
+    folders = ["--data", str(flickr), "--cache", str(cache), "--extra", str(shapes)]
+    lite_chain.main([*folders, "--out", str(out), "--dry-run"])
+    commands = capsys.readouterr().out.splitlines()
+    assert [c.split()[2] for c in commands] == [
+        "pixseek.training.recipes.lite",
+        "pixseek.training.recipes.class_words",
+    ]
+    assert f"--init {lite_chain.shipped('pixseek-lite.pt')} --flip --crops 2" in commands[0]
+    assert commands[1].endswith(
+        f"--init {work / 'lite-2-without-class-words.pt'} --flip --extra-flip --threads 2 "
+        f"--save {out}"
+    )
+    assert not cache.exists()  # a dry run makes nothing
+
+    # From scratch on the tiny tower, shortened by extra arguments (the later flag wins).
+    torch.save(
+        {"classifier.1.weight": torch.randn(1000, 32), "classifier.1.bias": torch.zeros(1000)},
+        tmp_path / "mobilenet.pth",
+    )
+    monkeypatch.setattr(class_words, "TEMPLATES", ("{}",))
+    small = "--tower tiny --tower-blocks 1 --threads 1 --crops 0 --epochs 1 --batch 3 --ema 0.9"
+    words = f"--weights {tmp_path / 'mobilenet.pth'} --weight 0.3 --top 2 --threads 1"
+    tiny = ["--from-scratch", "--lite-args", small, "--class-words-args", words]
+    lite_chain.main([*folders, "--out", str(out), *tiny])
+    assert sorted(p.name for p in work.iterdir()) == ["lite-1.pt", "lite-2-without-class-words.pt"]
+    config = LiteEncoder.load(out, "cpu").config
+    assert (config.tower, config.classes, config.class_weight) == ("tiny", 1000, 0.3)
 
 
 def test_lite_keeps_the_weights_best_on_the_mean_or_on_flickr8k_dev_alone() -> None:

@@ -11,9 +11,7 @@ by hand:
         --extra CC3M --out data/pixseek-captioner.pt
 
 Without ``--extra`` it stops at captioner 1. The intermediate checkpoints go to
-``CACHE/captioner-chain/``. A step whose checkpoint is
-there is not run again, so a stopped chain resumes at the step it was in; each step writes
-to a ``.partial`` name first, so a step cut off halfway is redone, not trusted. The last runs
+``CACHE/captioner-chain/``; a stopped chain resumes (:mod:`.chain`). The last runs
 read the tower of the shipped pixseek-lite 1 (``--lite`` to use another, e.g. a fresh one from
 :mod:`.lite`'s own command). ``--dry-run`` prints the commands and runs nothing.
 """
@@ -22,28 +20,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pixseek.encoders.base import shipped
 
-from . import captioner, lite
+from .chain import Step, run_chain
 from .features import add_folder_arguments, flickr8k_folder
-
-
-@dataclass(frozen=True)
-class Step:
-    """One run of a recipe: the checkpoint it writes, and its arguments after --data/--cache."""
-
-    recipe: str  # "captioner" or "lite"
-    out: Path
-    args: list[str]
-
-    def argv(self, folders: list[str], extra: list[str], out: Path) -> list[str]:
-        """The full command line; the output flag goes last, after any extra arguments."""
-        flag = "--save" if self.recipe == "lite" else "--out"
-        return [*folders, *self.args, *extra, flag, str(out)]
 
 
 def chain(work: Path, lite_checkpoint: Path, out: Path, extra: Path | None) -> list[Step]:
@@ -90,12 +72,6 @@ def chain(work: Path, lite_checkpoint: Path, out: Path, extra: Path | None) -> l
     return steps
 
 
-RECIPES: dict[str, Callable[[list[str]], None]] = {
-    "captioner": captioner.main,
-    "lite": lite.main,
-}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,20 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.cache / "captioner-chain"
     folders = ["--data", str(args.data), "--cache", str(args.cache)]
     extra = {"captioner": shlex.split(args.captioner_args), "lite": shlex.split(args.lite_args)}
-    steps = chain(work, args.lite, args.out, args.extra)
-    for number, step in enumerate(steps, 1):
-        command = f"python -m pixseek.training.recipes.{step.recipe}"
-        if args.dry_run:
-            print(command, shlex.join(step.argv(folders, extra[step.recipe], step.out)))
-            continue
-        if step.out.is_file() and step is not steps[-1]:
-            print(f"step {number}/{len(steps)}: {step.out} is there, not run again")
-            continue
-        partial = step.out.with_name(step.out.name + ".partial")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        print(f"step {number}/{len(steps)}: {command} ... -> {step.out}", flush=True)
-        RECIPES[step.recipe](step.argv(folders, extra[step.recipe], partial))
-        partial.replace(step.out)
+    run_chain(chain(work, args.lite, args.out, args.extra), folders, extra, args.dry_run)
 
 
 if __name__ == "__main__":
