@@ -53,7 +53,7 @@ class Fusion:
 # captioner) names: similarity scales differ between models. BENCHMARKS.md has the sweeps.
 FUSION: dict[tuple[str, str], Fusion] = {
     ("pixseek-lite", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.5),
-    ("pixseek-lite-2", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.3),
+    ("pixseek-lite-2", "pixseek-captioner"): Fusion(similarity=1.0, caption=0.5),
 }
 # For a pair nobody tuned (used only when reranking is asked for explicitly).
 FALLBACK_FUSION = FUSION[("pixseek-lite", "pixseek-captioner")]
