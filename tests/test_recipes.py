@@ -87,12 +87,21 @@ def test_lite_and_captioner_recipes_write_weights_the_product_loads(
     assert isinstance(model.caption_images([Image.open(flickr / "images" / "0_red.jpg")])[0], str)
 
 
+@pytest.fixture(scope="module")
+def tiny_lite(flickr: Path, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """A pixseek-lite on the tiny tower with its last block tuned, and the folder arguments
+    (with its caches) that made it."""
+    root = tmp_path_factory.mktemp("tiny-lite")
+    folders = ("--data", str(flickr), "--cache", str(root / "cache"), "--threads", "1")
+    options = ["--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1"]
+    lite.main([*folders, *options, "--batch", "3", "--save", str(root / "lite.pt")])
+    return root / "lite.pt", folders
+
+
 def test_class_words_recipe_adds_a_distilled_classifier_the_product_loads(
-    flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flickr: Path, tiny_lite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folders = ("--data", flickr, "--cache", tmp_path / "cache", "--threads", "1")
-    options = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
-    _run(lite, monkeypatch, *folders, *options, "--batch", "3", "--save", tmp_path / "lite.pt")
+    checkpoint, folders = tiny_lite
     # torchvision's file holds the 1000 x 1280 classifier; the tiny tower's map has 32 channels
     torch.manual_seed(0)
     fake = {"classifier.1.weight": torch.randn(1000, 32), "classifier.1.bias": torch.zeros(1000)}
@@ -100,7 +109,7 @@ def test_class_words_recipe_adds_a_distilled_classifier_the_product_loads(
     monkeypatch.setattr(class_words, "TEMPLATES", ("{}",))  # 1,000 names through MiniLM once
     words = ("--weights", tmp_path / "mobilenet.pth", "--weight", "0.2", "0.4", "--top", "2")
     out = tmp_path / "words.pt"
-    _run(class_words, monkeypatch, *folders, "--init", tmp_path / "lite.pt", *words, "--save", out)
+    _run(class_words, monkeypatch, *folders, "--init", checkpoint, *words, "--save", out)
     encoder = LiteEncoder.load(out, "cpu")
     config = encoder.config
     assert (config.classes, config.class_top) == (1000, 2) and config.class_weight in (0.2, 0.4)
@@ -112,11 +121,9 @@ def test_class_words_recipe_adds_a_distilled_classifier_the_product_loads(
 
 
 def test_class_words_recipe_refuses_a_classifier_of_another_width(
-    flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_lite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folders = ("--data", flickr, "--cache", tmp_path / "cache", "--threads", "1")
-    options = ("--tower", "tiny", "--pool", "mean", "--tower-blocks", "1", "--epochs", "1")
-    _run(lite, monkeypatch, *folders, *options, "--batch", "3", "--save", tmp_path / "lite.pt")
+    checkpoint, folders = tiny_lite
     wide = {"classifier.1.weight": torch.zeros(1000, 1280), "classifier.1.bias": torch.zeros(1000)}
     torch.save(wide, tmp_path / "mobilenet.pth")
     with pytest.raises(SystemExit, match="not \\(1000, 32\\)"):
@@ -125,7 +132,7 @@ def test_class_words_recipe_refuses_a_classifier_of_another_width(
             monkeypatch,
             *folders,
             "--init",
-            tmp_path / "lite.pt",
+            checkpoint,
             "--weights",
             tmp_path / "mobilenet.pth",
         )
