@@ -5,7 +5,7 @@
 
 Every dev photo of the folders (each in Flickr8k's layout; CC3M's is the cc3m recipe's output)
 is embedded by each model as indexing does; the queries are those of
-``pixseek.training.class_queries`` ("a toaster"; ``--bare``: "toaster"). Prints, per group of
+``pixseek.training.class_names`` ("a toaster"; ``--bare``: "toaster"). Prints, per group of
 classes (rare: named by fewer than 10 train captions), the share of queries whose first relevant
 photo is in the top 1/5/10 and the mean average precision, as a Markdown table; then the same
 for ``pixseek similar``: each relevant photo of a class with two or more as the query, another
@@ -22,7 +22,7 @@ import numpy as np
 
 from pixseek.encoders.registry import load_encoder
 from pixseek.training.captions import parse_caption_file, read_split
-from pixseek.training.class_queries import ClassQuery, class_queries, query_metrics
+from pixseek.training.class_names import ClassQuery, class_queries, query_metrics
 from pixseek.training.evaluate import embed_image_files
 
 

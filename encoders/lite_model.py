@@ -59,6 +59,8 @@ class LiteConfig:
             raise EncoderError(f"the {self.tower} tower cannot be fine-tuned (only MobileNetV2)")
         if self.classes and not 0 < self.class_top <= self.classes:
             raise EncoderError(f"class_top must be 1..{self.classes}, not {self.class_top}")
+        if self.class_temperature <= 0 or self.class_weight < 0:
+            raise EncoderError("class_temperature must be > 0 and class_weight >= 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> LiteConfig:
@@ -124,17 +126,19 @@ class ClassWords(nn.Module):
 
     def __init__(self, channels: int, config: LiteConfig) -> None:
         super().__init__()
-        self.top, self.temperature = config.class_top, config.class_temperature
         self.classifier = nn.Linear(channels, config.classes)
         self.register_buffer("words", torch.zeros(config.classes, config.dim))
         self.requires_grad_(False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, channels) pooled CNN features -> (B, dim) unit vectors."""
-        logits = self.classifier(features.float()) / self.temperature
-        kth = logits.topk(self.top, dim=1).values[:, -1:]
-        weights = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=1)
-        return nn.functional.normalize(weights @ self.words, dim=1)
+    def forward(self, features: torch.Tensor, top: int, temperature: float) -> torch.Tensor:
+        """(B, channels) pooled CNN features -> (B, dim) unit vectors, from exactly ``top``
+        classes. In float32 whatever the autocast: bf16 logits tie, and ties would change
+        which classes count."""
+        with torch.autocast(features.device.type, enabled=False):
+            logits = self.classifier(features.float()) / temperature
+            best, classes = logits.topk(top, dim=1)
+            mixed = (best.softmax(dim=1).unsqueeze(-1) * self.words[classes]).sum(1)
+            return nn.functional.normalize(mixed, dim=1)
 
 
 class TextTower(nn.Module):
@@ -228,7 +232,7 @@ class LiteModel(nn.Module):
         without them); what :meth:`encode_grid` returns, split out for the recipe's sweep."""
         if self.class_words is None:
             return embedding
-        words = self.class_words(pooled)
+        words = self.class_words(pooled, self.config.class_top, self.config.class_temperature)
         return nn.functional.normalize(embedding, dim=1) + self.config.class_weight * words
 
     def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:

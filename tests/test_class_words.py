@@ -4,14 +4,16 @@ caption taught finds the photos the classifier names; and the query set that mea
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from pixseek.encoders.base import EncoderError
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
-from pixseek.training import class_queries
-from pixseek.training.class_queries import ClassQuery, query_metrics
+from pixseek.training import class_names
+from pixseek.training.class_names import ClassQuery, query_metrics
 
 CONFIG = LiteConfig(tower="tiny", text="tiny", dim=16, classes=2, class_weight=3.0, class_top=1)
 
@@ -60,7 +62,7 @@ def test_the_class_words_weigh_as_configured_and_travel_in_the_checkpoint(tmp_pa
     with torch.no_grad():
         last = model.backbone[model.tower_split :](encoder.image_grid(photos))
         head = torch.nn.functional.normalize(model.image_head(last), dim=1)
-        words = model.class_words(last.mean((2, 3)))
+        words = model.class_words(last.mean((2, 3)), 1, 1.0)
         # class_top=1: exactly the top class's word, at class_weight beside the head's vector
         torch.testing.assert_close(words, model.class_words.words[[0, 1]])
         torch.testing.assert_close(model.encode_grid(encoder.image_grid(photos)), head + 3 * words)
@@ -84,20 +86,57 @@ def write_folder(root: Path, train: dict[str, str], dev: dict[str, str]) -> Path
 
 
 def test_class_queries_come_from_dev_captions_and_count_what_training_taught(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        class_queries, "imagenet_class_names", lambda: ("toaster", "pizza", "orange")
-    )
-    monkeypatch.setattr(class_queries, "RARE_BELOW", 2)
+    names = ("toaster", "pizza", "orange", "unicycle", "toaster")  # OpenCLIP repeats two names
+    monkeypatch.setattr(class_names, "imagenet_class_names", lambda: names)
+    monkeypatch.setattr(class_names, "RARE_BELOW", 2)
     flickr = write_folder(
         tmp_path / "a",
         {"t1.jpg": "a pizza on a plate", "t2.jpg": "two pizzas", "t3.jpg": "an orange toaster"},
-        {"d1.jpg": "a man in an orange shirt", "d2.jpg": "Pizza night"},
+        {"d1.jpg": "a man in an orange shirt", "d2.jpg": "Pizza night on a unicycle"},
     )
     web = write_folder(tmp_path / "b", {"w1.jpg": "a dog"}, {"w2.jpg": "chrome toasters"})
-    queries = class_queries.class_queries([flickr, web])
+    queries = class_names.class_queries([flickr, web])
     # "orange" is dropped (captions mean the colour); rows count across both folders' dev photos
-    assert queries == [ClassQuery("a toaster", (2,), 1), ClassQuery("a pizza", (1,), 2)]
-    assert [q.rare for q in queries] == [True, False]
+    assert queries == [
+        ClassQuery("a toaster", (2,), 1),
+        ClassQuery("a pizza", (1,), 2),
+        ClassQuery("a unicycle", (1,), 0),
+    ]
+    assert [q.rare for q in queries] == [True, False, True]
+
+
+def test_class_words_count_exactly_the_top_classes_in_float32_under_any_autocast():
+    torch.manual_seed(0)
+    config = LiteConfig(tower="tiny", text="tiny", dim=16, classes=50, class_weight=0.5)
+    words = LiteModel(config, pretrained=False).class_words
+    words.words.copy_(torch.nn.functional.normalize(torch.randn(50, 16), dim=1))
+    features = torch.randn(64, 32)
+    plain = words(features, 5, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits would tie
+        assert torch.equal(words(features, 5, 1.0), plain)
+    logits = words.classifier(features)
+    best = logits.topk(5, dim=1)
+    mixed = (best.values.softmax(1).unsqueeze(-1) * words.words[best.indices]).sum(1)
+    torch.testing.assert_close(plain, torch.nn.functional.normalize(mixed, dim=1))
+
+
+def test_fine_tuning_embeds_the_class_names_again_with_the_tuned_text_tower(monkeypatch):
+    monkeypatch.setattr(class_names, "imagenet_class_names", lambda: ("toaster", "pizza"))
+    monkeypatch.setattr(class_names, "TEMPLATES", ("a {}.",))
+    torch.manual_seed(0)
+    model = LiteModel(CONFIG, pretrained=False).train()
+    with torch.no_grad():
+        model.text_head[1].weight.add_(torch.randn_like(model.text_head[1].weight))
+    class_names.refresh_class_words(model)
+    assert model.training  # left as training had it
+    wanted = LiteEncoder(model, "cpu").embed_texts(["a toaster.", "a pizza."])
+    np.testing.assert_allclose(model.class_words.words.numpy(), wanted, atol=1e-5)
+
+
+def test_a_class_weight_or_temperature_out_of_range_is_refused():
+    for bad in ({"class_temperature": 0.0}, {"class_weight": -0.1}, {"class_top": 3}):
+        with pytest.raises(EncoderError):
+            LiteConfig(tower="tiny", text="tiny", classes=2, **bad)
 
 
 def test_query_metrics_read_the_first_relevant_photo_and_average_precision():

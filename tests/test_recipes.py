@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from pixseek.encoders.captioner import PixseekCaptioner, load_checkpoint
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.minilm import load_tokenizer
+from pixseek.training import class_names
 from pixseek.training.recipes import (
     captioner,
     captioner_chain,
@@ -106,7 +107,7 @@ def test_class_words_recipe_adds_a_distilled_classifier_the_product_loads(
     torch.manual_seed(0)
     fake = {"classifier.1.weight": torch.randn(1000, 32), "classifier.1.bias": torch.zeros(1000)}
     torch.save(fake, tmp_path / "mobilenet.pth")
-    monkeypatch.setattr(class_words, "TEMPLATES", ("{}",))  # 1,000 names through MiniLM once
+    monkeypatch.setattr(class_names, "TEMPLATES", ("{}",))  # 1,000 names through MiniLM once
     words = ("--weights", tmp_path / "mobilenet.pth", "--weight", "0.2", "0.4", "--top", "2")
     out = tmp_path / "words.pt"
     _run(class_words, monkeypatch, *folders, "--init", checkpoint, *words, "--save", out)
@@ -238,7 +239,12 @@ def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
         "--lite-args", f"{small} --tower-blocks 1 --eval-every 1",
     ]  # fmt: skip
     captioner_chain.main([*folders, *tiny])
-    assert sorted(p.name for p in work.iterdir()) == ["lite-k.pt", "run1.pt", "run2.pt", "run3.pt"]
+    assert sorted(p.name for p in work.glob("*.pt")) == [
+        "lite-k.pt",
+        "run1.pt",
+        "run2.pt",
+        "run3.pt",
+    ]
     assert PixseekCaptioner.load(out, "cpu").config.tower_blocks == 1
 
     before = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
@@ -246,7 +252,7 @@ def test_captioner_chain_runs_the_cards_steps_in_order_and_resumes(
     capsys.readouterr()
     captioner_chain.main([*folders, *tiny])
     printed = capsys.readouterr().out
-    assert "step 1/5" in printed and "is there, not run again" in printed
+    assert "step 1/5" in printed and "is there, made so: not run again" in printed
     after = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
     assert {k: after[k] for k in ("run1.pt", "run2.pt", "lite-k.pt")} == {
         k: before[k] for k in ("run1.pt", "run2.pt", "lite-k.pt")
@@ -282,14 +288,23 @@ def test_lite_chain_runs_the_cards_runs_in_order_and_ends_with_the_class_words(
         {"classifier.1.weight": torch.randn(1000, 32), "classifier.1.bias": torch.zeros(1000)},
         tmp_path / "mobilenet.pth",
     )
-    monkeypatch.setattr(class_words, "TEMPLATES", ("{}",))
+    monkeypatch.setattr(class_names, "TEMPLATES", ("{}",))
     small = "--tower tiny --tower-blocks 1 --threads 1 --crops 0 --epochs 1 --batch 3 --ema 0.9"
     words = f"--weights {tmp_path / 'mobilenet.pth'} --weight 0.3 --top 2 --threads 1"
     tiny = ["--from-scratch", "--lite-args", small, "--class-words-args", words]
     lite_chain.main([*folders, "--out", str(out), *tiny])
-    assert sorted(p.name for p in work.iterdir()) == ["lite-1.pt", "lite-2-without-class-words.pt"]
+    assert sorted(p.name for p in work.glob("*.pt")) == [
+        "lite-1.pt",
+        "lite-2-without-class-words.pt",
+    ]
     config = LiteEncoder.load(out, "cpu").config
     assert (config.tower, config.classes, config.class_weight) == ("tiny", 1000, 0.3)
+
+    # Run again with other lite arguments: a checkpoint made by others is not reused.
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
+    lite_chain.main([*folders, "--out", str(out), *tiny[:2], f"{small} --seed 1", *tiny[3:]])
+    after = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
+    assert all(after[name] != before[name] for name in before)
 
 
 def test_lite_keeps_the_weights_best_on_the_mean_or_on_flickr8k_dev_alone() -> None:

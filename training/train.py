@@ -34,6 +34,7 @@ from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.encoders.registry import OFFLINE_PRESET, presets
 from pixseek.encoders.torchkit import autocast_for, l2_normalise, pick_device
 from pixseek.training.captions import ImageDataset, read_captions
+from pixseek.training.class_names import refresh_class_words
 from pixseek.training.contrastive import clip_loss
 from pixseek.training.evaluate import RetrievalMetrics, retrieval_metrics
 
@@ -260,6 +261,7 @@ def train(
                 model, grid, encoder.tokenize(texts), ids, optimizer, scheduler, scaler, device_
             )
             bar.set_postfix(loss=f"{loss:.3f}")
+        refresh_class_words(model)  # the text tower moved: so do the class names' embeddings
         metrics = _validate(encoder, grids, val_idx, pairs, 256)
         history.append({"epoch": epoch + 1, **metrics.to_dict()})
         if progress:

@@ -17,7 +17,7 @@ fits that part to a trained checkpoint (``--init``; class words it has already a
 2. **The words.** Each class name (OpenCLIP's English ImageNet names) in a few phrasings, through
    the model's own text tower, averaged: the space a query lands in.
 3. **How much.** Every ``--weight`` x ``--top`` is measured on each dev set (text->image) and on
-   the class-name queries of :mod:`pixseek.training.class_queries`; ``--save`` keeps the best
+   the class-name queries of :mod:`pixseek.training.class_names`; ``--save`` keeps the best
    mean dev R@1 (the first on a tie), as :mod:`.lite` selects.
 
 It reads the feature caches of :mod:`.lite` (``--cache``, made there or here on first use) and
@@ -41,10 +41,15 @@ from torch import nn
 from pixseek.encoders.base import EncoderError
 from pixseek.encoders.lite import LiteEncoder
 from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
-from pixseek.encoders.lite_model import ClassWords, LiteModel
+from pixseek.encoders.lite_model import ClassWords
 from pixseek.encoders.torchkit import l2_normalise
 from pixseek.encoders.towers import TOWERS, build_backbone
-from pixseek.training.class_queries import class_queries, imagenet_class_names, query_metrics
+from pixseek.training.class_names import (
+    class_queries,
+    imagenet_class_names,
+    query_metrics,
+    refresh_class_words,
+)
 from pixseek.training.evaluate import retrieval_metrics
 from pixseek.training.recipes.features import (
     add_extra_arguments,
@@ -54,8 +59,6 @@ from pixseek.training.recipes.features import (
 from pixseek.training.recipes.lite import dev_texts, load_set, recall
 from pixseek.training.recipes.mobilenet import installed_weights
 
-TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a close-up photo of a {}.")
-TEMPLATES += ("a photo of the {}.", "{}")
 CHUNK = 250
 
 
@@ -110,14 +113,6 @@ def agreement(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor) ->
         return float((head(features).argmax(1) == targets.argmax(1)).float().mean())
 
 
-def class_word_embeddings(model: LiteModel) -> torch.Tensor:
-    """(classes, dim) unit rows: each class name in ``TEMPLATES``, embedded, averaged."""
-    encoder = LiteEncoder(model, "cpu")
-    names = imagenet_class_names()
-    rows = [encoder.embed_texts([t.format(n) for n in names]) for t in TEMPLATES]
-    return F.normalize(torch.from_numpy(np.mean(rows, axis=0)), dim=1)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_folder_arguments(p)
@@ -144,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if min(args.weight) < 0 or min(args.top) < 1 or max(args.top) > len(imagenet_class_names()):
         p.error("--weight must be >= 0 and --top 1..1000")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0")
     try:
         model, meta = load_model(args.init)
     except EncoderError as exc:
@@ -175,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     model.config = config
     model.class_words = ClassWords(channels, config)
     model.class_words.classifier.load_state_dict(head.state_dict())
-    model.class_words.words.copy_(class_word_embeddings(model))
+    refresh_class_words(model)
 
     # 3. How much: every weight x top on each dev set and on the class-name queries.
     model.eval()
@@ -199,7 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for weight, top in [(0.0, 0), *itertools.product(args.weight, args.top)]:
         model.config = dataclasses.replace(config, class_weight=weight, class_top=top or 1)
-        model.class_words.top = top or 1
         with torch.inference_mode():
             images = [
                 l2_normalise(model.add_class_words(h, f) if weight else h)
@@ -226,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {weight:g} | {top or '-'} | " + " | ".join(cells) + " |", flush=True)
     best = max(rows[1:], key=lambda r: r["t2i_r1"])
     model.config = dataclasses.replace(config, class_weight=best["weight"], class_top=best["top"])
-    model.class_words.top = best["top"]
     print(
         f"chosen: weight {best['weight']:g}, top {best['top']} "
         f"(mean dev R@1 {best['t2i_r1']:.2f}, without {rows[0]['t2i_r1']:.2f}); "

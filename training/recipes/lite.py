@@ -38,6 +38,7 @@ from pixseek.encoders.base import EncoderError
 from pixseek.encoders.lite_checkpoint import load_model, save_checkpoint
 from pixseek.encoders.lite_model import LiteConfig, LiteModel
 from pixseek.training.captions import read_split
+from pixseek.training.class_names import refresh_class_words
 from pixseek.training.evaluate import KS, retrieval_metrics
 from pixseek.training.recipes.features import (
     Folder,
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     def evaluate(net: LiteModel) -> dict:
-        """Recall on every dev set, and their mean text->image R@1 that selection reads."""
+        """Recall on every dev set, and their mean text->image R@1 that selection reads (class
+        words, if any, embedded again by the text tower as tuned so far)."""
+        refresh_class_words(net)
         per_set = {cs.name: dev_metrics(net, cs.dev_grids, cs.texts, cs.n_train) for cs in sets}
         return {"t2i_r1": float(np.mean([m["t2i_r1"] for m in per_set.values()])), **per_set}
 
