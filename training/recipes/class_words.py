@@ -76,13 +76,18 @@ def imagenet_classifier(weights: Path, channels: int) -> nn.Linear:
     return head
 
 
-def pooled(blocks: nn.Module, maps: torch.Tensor) -> torch.Tensor:
+def pooled(blocks: nn.Module, maps: torch.Tensor, head: nn.Module | None = None):
     """Maps through ``blocks``, mean-pooled: (N, channels) float32, in chunks (under
-    no_grad, not inference_mode: distillation trains on them)."""
+    no_grad, not inference_mode: distillation trains on them); with ``head``, also what it
+    makes of the same blocks' output, from the one pass."""
+    pools, heads = [], []
     with torch.no_grad():
-        return torch.cat(
-            [blocks(maps[i : i + CHUNK].float()).mean((2, 3)) for i in range(0, len(maps), CHUNK)]
-        )
+        for i in range(0, len(maps), CHUNK):
+            last = blocks(maps[i : i + CHUNK].float())
+            pools.append(last.mean((2, 3)))
+            if head is not None:
+                heads.append(head(last))
+    return torch.cat(pools) if head is None else (torch.cat(pools), torch.cat(heads))
 
 
 def distil(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, epochs: int) -> None:
@@ -153,12 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     untouched = build_backbone(model.config.tower)[model.tower_split :]
     tuned = model.backbone[model.tower_split :]
 
-    # 1. The classifier: distilled on every train view, checked on the dev photos.
-    sets = [load_set(folder, args, model) for folder in training_folders(args)]
+    # 1. The classifier: distilled on every train view, checked on the dev photos (whose
+    # image-head embeddings come from the same pass, for step 3).
+    folders = training_folders(args)
+    sets = [load_set(folder, args, model) for folder in folders]
     train_maps = torch.cat([m[: cs.n_train] for cs in sets for m in cs.maps])
     dev_maps = [cs.dev_grids for cs in sets]
     features, targets = pooled(tuned, train_maps), head(pooled(untouched, train_maps)).detach()
-    dev_features = [pooled(tuned, m) for m in dev_maps]
+    dev_features, heads = zip(*(pooled(tuned, m, model.image_head) for m in dev_maps), strict=True)
     dev_targets = torch.cat([head(pooled(untouched, m)) for m in dev_maps]).detach()
     before = agreement(head, torch.cat(dev_features), dev_targets)
     distil(head, features, targets, args.epochs)
@@ -176,15 +183,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. How much: every weight x top on each dev set and on the class-name queries.
     model.eval()
-    with torch.inference_mode():
-        heads = [
-            torch.cat(
-                [model.image_head(tuned(m[i : i + CHUNK].float())) for i in range(0, len(m), CHUNK)]
-            )
-            for m in dev_maps
-        ]
     texts = [dev_texts(model, cs.texts, cs.n_train) for cs in sets]
-    queries = class_queries([folder.data for folder in training_folders(args)])
+    queries = class_queries([folder.data for folder in folders])
     query_emb = LiteEncoder(model, "cpu").embed_texts([q.text for q in queries])
     names = [cs.name for cs in sets]
     print(f"{len(queries)} class-name queries ({sum(q.rare for q in queries)} rare)")
